@@ -1,0 +1,32 @@
+# One command sets up and runs each job from a fresh clone: `make test`, `make demo`.
+PY ?= python3
+# The CPU build of torch that lies on this project's machines; a GPU machine keeps its own torch.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := .make/deps-stamp
+
+.PHONY: install test test-fast lint demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]" --config-settings editable_mode=compat
+	@mkdir -p $(dir $@) && touch $@
+
+install: $(STAMP)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# The whole suite; on a machine without a GPU the Triton kernels run under TRITON_INTERPRET=1
+# (tests/conftest.py sets it before triton is imported).
+test: install lint
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(PY) -m renio_kernels.demo
+
+clean:
+	rm -rf .make build *.egg-info .pytest_cache

@@ -1,0 +1,30 @@
+"""renio-kernels: fused kernels for the ReNIO on-policy distillation loss.
+
+Public API::
+
+    renio_loss(student_logits, teacher_logits, labels, **options)      # scalar loss
+    ReNIOLoss(**options)                                               # nn.Module (holds ema)
+    sampled_reverse_kl_loss(student_logits, teacher_logits, labels)    # "OPD as RL" loss
+    renio_kernels.reference                                            # float64-capable oracle
+
+The exact semantics are in ``shared/SPEC.md``; the README maps options to the paper's flags.
+"""
+
+from . import reference
+from .backends import BACKENDS
+from .loss import renio_loss, sampled_reverse_kl_loss
+from .modules import ReNIOLoss, SampledReverseKLLoss
+from .weights import WEIGHT_NORMS, ReNIOOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "WEIGHT_NORMS",
+    "ReNIOLoss",
+    "ReNIOOptions",
+    "SampledReverseKLLoss",
+    "reference",
+    "renio_loss",
+    "sampled_reverse_kl_loss",
+]

@@ -1,0 +1,56 @@
+"""The autograd layer: one ``torch.autograd.Function`` around a backend's row kernels.
+
+It maps ``(student, teacher, labels)`` to three ``(B, T)`` fp32 tensors: the divergence ``d``,
+the sampled-token student log-probability ``ls[x]`` (both differentiable in the student), and
+the teacher's ``lt[x]`` (never differentiable). Losses are ordinary torch code on these, so the
+backward kernel receives ``dL/dd`` and ``dL/dls[x]`` per row and writes the logits' gradient in
+one sweep; a loss that does not use one of the two outputs costs no work for it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import RowBackend
+from .ops.params import DivergenceParams, RowStats
+
+__all__ = ["RowStatsFunction"]
+
+
+class RowStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor,
+        params: DivergenceParams,
+        backend: RowBackend,
+        with_divergence: bool,
+    ):
+        need_grad = ctx.needs_input_grad[0]
+        stats = backend.fwd(
+            student,
+            teacher,
+            labels,
+            params,
+            with_divergence=with_divergence,
+            store_c=need_grad and with_divergence,
+        )
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(stats.lt_x)
+        if not with_divergence:
+            ctx.mark_non_differentiable(stats.d)
+        ctx.params, ctx.backend = params, backend
+        if need_grad:
+            ctx.save_for_backward(student, teacher, labels, stats.lse_s, stats.lse_t, stats.c)
+        return stats.d, stats.ls_x, stats.lt_x
+
+    @staticmethod
+    def backward(ctx, grad_d, grad_ls_x, _grad_lt_x):
+        if grad_d is None and grad_ls_x is None:
+            return None, None, None, None, None, None
+        student, teacher, labels, lse_s, lse_t, c = ctx.saved_tensors
+        stats = RowStats(lse_s, lse_t, None, None, None, c)
+        grad = ctx.backend.bwd(student, teacher, labels, ctx.params, stats, grad_d, grad_ls_x)
+        return grad, None, None, None, None, None

@@ -1,0 +1,35 @@
+"""Every tunable of the package, in one place.
+
+Defaults were chosen for the reasons given beside them; benchmarks and tests override them
+explicitly (launchers take ``block_v`` / ``num_warps`` arguments) rather than by editing code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["TritonConfig", "TRITON", "TORCH_CHUNK_ELEMENTS", "interpreting"]
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    # Vocabulary tile per loop iteration. 4096 fp32 lanes per program keeps each tile in registers
+    # at 8 warps (16 values per thread per tensor) while amortizing the loop overhead.
+    block_v: int = 4096
+    num_warps: int = 8
+    # Under the CPU interpreter every program runs as numpy ops; one config, no tuning.
+    interpret_block_v: int = 1024
+
+
+TRITON = TritonConfig()
+
+# The torch backend processes rows in chunks of about this many (rows x vocab) elements, so its
+# fp32 intermediates stay a small, fixed size whatever B*T is: 2^21 elements = 8 MiB per fp32
+# temporary, about a dozen of which are live at once.
+TORCH_CHUNK_ELEMENTS = 1 << 21
+
+
+def interpreting() -> bool:
+    """True when Triton runs through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

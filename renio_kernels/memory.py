@@ -1,0 +1,59 @@
+"""Peak extra memory of a callable: CUDA allocator stats on a GPU, a sampled RSS on the CPU."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["peak_extra_bytes", "current_rss_bytes"]
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    import resource  # noqa: PLC0415
+
+    return resident_pages * resource.getpagesize()
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu", interval: float = 1e-3) -> int:
+    """Bytes allocated above the starting level at the peak of ``fn()`` (its results dropped).
+
+    CPU: resident set size sampled every ``interval`` seconds by a thread (glibc returns large
+    allocations to the OS on free, so RSS tracks tensors closely); a short spike between two
+    samples can be missed, so the figure is a lower bound within about one sampling interval.
+    """
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+    base = current_rss_bytes()
+    peak = base
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, current_rss_bytes())
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        out = fn()
+        peak = max(peak, current_rss_bytes())
+    finally:
+        done.set()
+        thread.join()
+    del out
+    gc.collect()
+    return max(0, peak - base)

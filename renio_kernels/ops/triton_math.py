@@ -1,0 +1,71 @@
+"""Element-wise math shared by the forward and backward Triton kernels.
+
+For one vocabulary tile of a row, with ``ls``/``lt`` the student/teacher log-probabilities
+(already divided by the temperature and normalized) and ``ps = exp(ls)``, ``pt = exp(lt)``:
+
+    beta == 0 (forward KL):  e = pt (lt - ls)                      de/dls = -pt
+    beta == 1 (reverse KL):  e = ps (ls - lt)                      de/dls = ps (ls - lt + 1)
+    otherwise (JSD), m = (1 - beta) ps + beta pt:
+        e = beta pt (lt - log m) + (1 - beta) ps (ls - log m)
+        de/dls = (1 - beta) ps (ls - log m)
+
+A term whose probability is exactly 0 is 0 (so ``-inf`` logits never produce ``0 * -inf``), but
+the guard tests ``p == 0``, not ``p > 0``: a NaN probability keeps its NaN. With the token clip,
+``e`` is clamped to ``[0, clip]`` and ``de/dls`` is zeroed where the clamp is active (inclusive
+bounds, as ``torch.clamp``'s gradient). ``log m`` is a guarded log-add-exp, finite whenever one
+side is.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logaddexp(x, y):
+    mx = tl.maximum(x, y)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx_safe + tl.log(tl.exp(x - mx_safe) + tl.exp(y - mx_safe))
+
+
+@triton.jit
+def _divergence_terms(
+    ls,
+    lt,
+    beta,
+    log_beta,
+    log_1m_beta,
+    token_clip,
+    BETA_MODE: tl.constexpr,
+    CLIP: tl.constexpr,
+):
+    """Return ``(e, de/dls, ps)`` for one tile (clamped and gated when ``CLIP``)."""
+    ps = tl.exp(ls)
+    pt = tl.exp(lt)
+    if BETA_MODE == 0:
+        e = pt * tl.where(pt == 0.0, 0.0, lt - ls)
+        de = -pt
+    elif BETA_MODE == 1:
+        diff = tl.where(ps == 0.0, 0.0, ls - lt)
+        e = ps * diff
+        de = ps * (diff + 1.0)
+    else:
+        log_m = _logaddexp(ls + log_1m_beta, lt + log_beta)
+        s_term = ps * tl.where(ps == 0.0, 0.0, ls - log_m)
+        t_term = pt * tl.where(pt == 0.0, 0.0, lt - log_m)
+        e = beta * t_term + (1.0 - beta) * s_term
+        de = (1.0 - beta) * s_term
+    if CLIP:
+        de = tl.where((e >= 0.0) & (e <= token_clip), de, 0.0)
+        # Written with comparisons rather than minimum/maximum so a NaN stays NaN.
+        e = tl.where(e < 0.0, 0.0, tl.where(e > token_clip, token_clip, e))
+    return e, de, ps
+
+
+@triton.jit
+def _row_pointers(row, T, stride_b, stride_t):
+    """int64 offset of row ``row`` of a ``(B, T, V)`` view with the given batch/time strides."""
+    b = row // T
+    t = row - b * T
+    return b * stride_b + t * stride_t

@@ -1,0 +1,160 @@
+"""Plain-PyTorch ReNIO loss: the test oracle and the paper trainer's code path.
+
+Everything here follows ``shared/SPEC.md`` line by line, materializing every ``(B, T, V)``
+intermediate the way the paper's eager trainer does. It runs in any floating dtype; the tests
+call it on float64 copies of the inputs. It is deliberately simple and slow: the fused backends
+are checked against it, never the other way round.
+
+Conventions shared with the fused backends (and documented in the README):
+
+* a divergence term whose weighting probability is exactly 0 contributes 0 (so ``-inf`` teacher
+  logits never make ``0 * -inf = NaN``); a NaN probability is *not* 0, so NaN inputs propagate;
+* ignored positions have ``d = 0`` and ``r = 0`` and receive a zero gradient;
+* ``ratio_clip=None`` or ``token_clip=None`` disables that clip.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .weights import WEIGHT_NORMS, sequence_weights
+
+__all__ = [
+    "WEIGHT_NORMS",
+    "divergence_terms",
+    "per_token",
+    "renio_loss",
+    "sampled_reverse_kl_loss",
+    "sequence_weights",
+]
+
+
+def _guarded(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``p * x`` with ``0 * anything = 0``; NaN in ``p`` or ``x`` still propagates.
+
+    ``x`` is replaced before the product (not after) so the backward pass never forms
+    ``0 * inf`` either.
+    """
+    return p * torch.where(p == 0, torch.zeros_like(x), x)
+
+
+def divergence_terms(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-element divergence terms ``e_v`` from student and teacher log-probabilities."""
+    ps, pt = ls.exp(), lt.exp()
+    if beta == 0.0:
+        return _guarded(pt, lt - ls)
+    if beta == 1.0:
+        return _guarded(ps, ls - lt)
+    # Where both probabilities are 0 every term is guarded away; substituting 0 there keeps
+    # logaddexp(-inf, -inf) out of the backward pass.
+    both_zero = (ps == 0) & (pt == 0)
+    log_m = torch.logaddexp(
+        torch.where(both_zero, 0.0, ls + math.log1p(-beta)),
+        torch.where(both_zero, 0.0, lt + math.log(beta)),
+    )
+    return beta * _guarded(pt, lt - log_m) + (1.0 - beta) * _guarded(ps, ls - log_m)
+
+
+def per_token(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    token_clip: float | None = None,
+    ratio_clip: float | None = 2.5,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(d, r, mask)``: per-token divergence, clipped sampled-token log ratio, mask."""
+    vocab = student_logits.shape[-1]
+    ls = torch.log_softmax(student_logits / temperature, dim=-1)
+    lt = torch.log_softmax(teacher_logits[..., :vocab].to(ls.dtype) / temperature, dim=-1)
+    e = divergence_terms(ls, lt, beta)
+    if token_clip is not None and token_clip > 0:
+        e = torch.clamp(e, 0.0, token_clip)
+    mask = labels != ignore_index
+    d = torch.where(mask, e.sum(-1), torch.zeros((), dtype=e.dtype))
+    idx = torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    r = (ls.gather(-1, idx) - lt.gather(-1, idx)).squeeze(-1).detach()
+    if ratio_clip is not None:
+        r = torch.clamp(r, max=ratio_clip)
+    r = torch.where(mask, r, torch.zeros((), dtype=r.dtype))
+    return d, r, mask
+
+
+def renio_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    token_clip: float | None = None,
+    use_renio: bool = True,
+    ratio_clip: float | None = 2.5,
+    threshold: float = 0.8,
+    weight_temperature: float = 1.0,
+    weight_norm: str = "batch_mean",
+    ignore_index: int = -100,
+    ema_mean: torch.Tensor | None = None,
+    return_stats: bool = False,
+):
+    """The ReNIO loss of SPEC.md, materializing everything. Differentiable in the student."""
+    d, r, mask = per_token(
+        student_logits,
+        teacher_logits,
+        labels,
+        beta=beta,
+        temperature=temperature,
+        token_clip=token_clip,
+        ratio_clip=ratio_clip,
+        ignore_index=ignore_index,
+    )
+    n = mask.sum(-1).clamp(min=1).to(d.dtype)
+    divergence = d.sum(-1) / n
+    w, selected, mean_e = sequence_weights(
+        r,
+        mask,
+        threshold=threshold,
+        weight_temperature=weight_temperature,
+        weight_norm=weight_norm,
+        ema_mean=ema_mean,
+    )
+    if not use_renio:
+        w = torch.ones_like(w)
+    loss = (w * divergence).mean()
+    if not return_stats:
+        return loss
+    stats = {
+        "weights": w.detach(),
+        "divergence": divergence.detach(),
+        "log_ratio": r,
+        "selected": selected,
+        "batch_mean_e": mean_e,
+    }
+    return loss, stats
+
+
+def sampled_reverse_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """``-mean over valid tokens of A * ls[x]``, detached advantage ``A = lt[x] - ls[x]``."""
+    vocab = student_logits.shape[-1]
+    ls = torch.log_softmax(student_logits / temperature, dim=-1)
+    lt = torch.log_softmax(teacher_logits[..., :vocab].to(ls.dtype) / temperature, dim=-1)
+    mask = labels != ignore_index
+    idx = torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    ls_x = ls.gather(-1, idx).squeeze(-1)
+    lt_x = lt.gather(-1, idx).squeeze(-1)
+    adv = (lt_x - ls_x).detach()
+    zero = torch.zeros((), dtype=ls_x.dtype)
+    total = torch.where(mask, adv * ls_x, zero).sum()
+    return -total / mask.sum().clamp(min=1)
