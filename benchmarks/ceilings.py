@@ -5,7 +5,8 @@
   a cache-resident buffer (vectorized, compute bound). GPU: a Triton kernel that applies many
   exps to values held in registers, since a torch ``exp`` there only measures memory.
 * matmul rate: one square matmul in the benchmark's dtype, 2*n^3 FLOPs.
-Each is the median of several runs (after a warm-up); on a shared machine they are noisy too.
+Each is the best of several runs after a warm-up: a ceiling is what the machine can do, and on a
+shared machine the median would fold the neighbours' load into it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 __all__ = ["measure_ceilings"]
 
 
-def _median_s(fn, device: str, reps: int) -> float:
+def _best_s(fn, device: str, reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
@@ -28,24 +29,22 @@ def _median_s(fn, device: str, reps: int) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def copy_bandwidth(device: str) -> float:
     n = (1 << 28 if device.startswith("cuda") else 1 << 26) // 4  # 256 MiB / 64 MiB of fp32
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.nbytes / _median_s(lambda: dst.copy_(src), device, 10)
+    return 2 * src.nbytes / _best_s(lambda: dst.copy_(src), device, 10)
 
 
 def exp_rate(device: str) -> float:
     if device.startswith("cuda"):
         return _exp_rate_triton(device)
-    x = torch.rand(1 << 16)  # 256 KiB: stays in L2
-    y = torch.empty_like(x)
-    inner = 64
-    many = lambda: [torch.exp(x, out=y) for _ in range(inner)]
-    return inner * x.numel() / _median_s(many, device, 7)
+    x = torch.rand(1 << 16)  # 256 KiB: stays in L2; ~50 us a call, short enough that the
+    y = torch.empty_like(x)  # best of many calls is one the neighbours did not interrupt
+    return x.numel() / _best_s(lambda: torch.exp(x, out=y), device, 200)
 
 
 def _exp_rate_triton(device: str) -> float:
@@ -64,14 +63,14 @@ def _exp_rate_triton(device: str) -> float:
     n, iters, block = 1 << 24, 256, 1024
     x = torch.rand(n, device=device) - 0.5
     launch = lambda: _exp_chain_kernel[(triton.cdiv(n, block),)](x, n, ITERS=iters, BLOCK=block)
-    return n * iters / _median_s(launch, device, 10)
+    return n * iters / _best_s(launch, device, 10)
 
 
 def matmul_rate(device: str, dtype: torch.dtype) -> float:
     n = 8192 if device.startswith("cuda") else 1536
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / _median_s(lambda: a @ b, device, 5)
+    return 2 * n**3 / _best_s(lambda: a @ b, device, 5)
 
 
 def measure_ceilings(device: str, dtypes: tuple[str, ...]) -> dict[str, float]:

@@ -5,7 +5,8 @@ With ``N = B*T*V`` logits per side and ``s`` bytes per element:
 * logits forward: read both logits tensors, ``2Ns`` bytes; one exp per element per side (the
   log-sum-exps and the probabilities share it), ``2N`` exps, plus ``2N`` more for the JSD's
   ``log m`` (a log and an exp) when ``0 < beta < 1``.
-* logits backward: read both, write the gradient: ``3Ns`` bytes; the same exps.
+* logits backward: ``3Ns`` bytes (read two tensors, write the gradient) and no exps: a forward
+  that saved ``c`` and ``p_s`` lets the backward form ``(c - p_s C) / tau`` from them alone.
 * logits forward+backward: a single fused pass can do both (gradient written in the forward),
   so the floor is ``3Ns`` bytes and the exps once. Kernels that recompute in the backward (ours)
   move ``5Ns``; the floor does not excuse that.
@@ -29,7 +30,7 @@ __all__ = ["floor_costs", "floor_metrics"]
 def floor_costs(p: Problem, mode: str) -> dict[str, float]:
     n = p.tokens * p.vocab
     s = p.elt_bytes
-    exps = 2.0 * n * (2 if 0.0 < p.beta < 1.0 else 1)
+    exps = 0.0 if mode == "backward" else 2.0 * n * (2 if 0.0 < p.beta < 1.0 else 1)
     if p.kind == "logits":
         nbytes = 2.0 * n * s if mode == "forward" else 3.0 * n * s
         return {"bytes": nbytes, "exps": exps, "flops": 0.0}

@@ -15,7 +15,6 @@ beta convention (``m = (1-beta) p_s + beta p_t``, beta=0 forward KL(t||s), beta=
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ __all__ = [
     "PROVIDERS",
     "Unavailable",
     "build_case",
+    "clear_input_cache",
     "make_fl_inputs",
     "make_inputs",
     "unavailable_reason",
@@ -55,6 +55,28 @@ def _labels(p: Problem, device: str, gen: torch.Generator) -> torch.Tensor:
     return labels.to(device)
 
 
+# Providers of one point share its inputs (same seed, same tensors): a worker that times several
+# providers side by side holds one copy.
+_INPUTS: dict[tuple, tuple] = {}
+
+
+def clear_input_cache() -> None:
+    _INPUTS.clear()
+
+
+def _cached(fn):
+    def wrapper(p: Problem, device: str, seed: int = 0):
+        key = (fn.__name__, p, device, seed)
+        if key not in _INPUTS:
+            _INPUTS[key] = fn(p, device, seed)
+        return _INPUTS[key]
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@_cached
 def make_inputs(p: Problem, device: str, seed: int = 0):
     """Student logits (leaf, requires grad), teacher logits and labels, in ``p.dtype``."""
     gen = torch.Generator().manual_seed(seed)
@@ -74,6 +96,7 @@ def _device_gen(device: str, gen: torch.Generator) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+@_cached
 def make_fl_inputs(p: Problem, device: str, seed: int = 0):
     """Hidden states (B, T, H), lm_head weights (V, H) per side, labels; student ones are leaves."""
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +127,8 @@ def _reference(p: Problem, device: str, compiled: bool = False) -> Case:
         # dynamic-shape recompile when a second shape arrives (GPU workers run many shapes).
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         fn = torch.compile(fn)
-    return Case(lambda: fn(s, t, y, beta=p.beta), [s], "eager PyTorch (paper trainer path)", [s, t])
+    note = "torch.compile of the reference" if compiled else "eager PyTorch (paper trainer path)"
+    return Case(lambda: fn(s, t, y, beta=p.beta), [s], note, [s, t])
 
 
 def _renio(backend: str) -> Callable[[Problem, str], Case]:
@@ -168,13 +192,8 @@ def _renio_fl(p: Problem, device: str) -> Case:
     except ImportError as err:
         raise Unavailable(f"no renio_kernels.fused_linear_renio_loss here: {err}") from err
     hs, ws, ht, wt, y = make_fl_inputs(p, device)
-    kwargs = {"beta": p.beta}
-    if "labels" in inspect.signature(fused_linear_renio_loss).parameters:
-        kwargs["labels"] = y
-        run = lambda: fused_linear_renio_loss(hs, ws, ht, wt, **kwargs)
-    else:
-        run = lambda: fused_linear_renio_loss(hs, ws, ht, wt, y, **kwargs)
-    return Case(run, [hs, ws], "fused_linear_renio_loss", [hs, ws, ht, wt])
+    run = lambda: fused_linear_renio_loss(hs, ws, ht, wt, y, beta=p.beta)
+    return Case(run, [hs, ws], "fused_linear_renio_loss (backend auto)", [hs, ws, ht, wt])
 
 
 def _liger_fl_chunked(p: Problem, device: str) -> Case:

@@ -42,8 +42,8 @@ def _f(r, k) -> float:
     return float(r[k])
 
 
-def _gib(r) -> str:
-    return f"{_f(r, 'peak_extra_bytes') / 2**30:.2f} GiB ({_f(r, 'peak_extra_over_logits'):.2f}x)"
+def _mem(r) -> str:
+    return f"{_f(r, 'peak_extra_bytes') / 2**20:,.0f} MiB ({_f(r, 'peak_extra_over_logits'):.2f}x)"
 
 
 def _ms(r) -> str:
@@ -119,7 +119,7 @@ def _all_providers(idx, shapes, providers) -> list[str]:
             f = idx.get((*shape, prov, "forward"))
             b = idx.get((*shape, prov, "backward"))
             cells = _shape_cells(shape) + [prov, _ms(f) if f else "-", _ms(b) if b else "-"]
-            cells += [_ms(fb), f"{_f(fb, 'tokens_per_s'):,.0f}", _gib(fb)]
+            cells += [_ms(fb), f"{_f(fb, 'tokens_per_s'):,.0f}", _mem(fb)]
             cells += [f"{_f(fb, 'fraction_of_floor'):.3f}"]
             out.append("| " + " | ".join(cells) + " |")
     return out
@@ -158,7 +158,8 @@ def plot(rows: list[dict], out_dir: Path, mode: str = HEADLINE_MODE) -> list[Pat
     paths = []
     for (kind, dtype, hidden), rs in sorted(groups.items()):
         vocabs = sorted({int(r["vocab"]) for r in rs})
-        fig, axes = plt.subplots(2, len(vocabs), figsize=(4.2 * len(vocabs), 7), squeeze=False)
+        width = max(6.0, 4.2 * len(vocabs))
+        fig, axes = plt.subplots(2, len(vocabs), figsize=(width, 7.5), squeeze=False)
         for col, v in enumerate(vocabs):
             by_prov = defaultdict(list)
             for r in rs:
@@ -178,11 +179,11 @@ def plot(rows: list[dict], out_dir: Path, mode: str = HEADLINE_MODE) -> list[Pat
                     label=prov,
                     capsize=3,
                 )
-                mem = [float(r["peak_extra_bytes"]) / 2**30 for r in pr]
+                mem = [float(r["peak_extra_bytes"]) / 2**20 for r in pr]
                 axes[1][col].plot(x, mem, marker="o", label=prov)
             title = f"V={v}" + (f", H={hidden}" if kind == "fused-linear" else "")
             axes[0][col].set_title(title)
-            for row, ylabel in ((0, f"{mode} time (ms)"), (1, "peak extra memory (GiB)")):
+            for row, ylabel in ((0, f"{mode} time (ms)"), (1, "peak extra memory (MiB)")):
                 ax = axes[row][col]
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
@@ -192,7 +193,7 @@ def plot(rows: list[dict], out_dir: Path, mode: str = HEADLINE_MODE) -> list[Pat
         axes[0][0].legend(fontsize=8)
         r0 = rs[0]
         when = f"{r0['device']}, {r0['date'][:10]}, commit {r0['commit']}"
-        fig.suptitle(f"{kind} {dtype}, {mode}: {when}")
+        fig.suptitle(f"{kind} {dtype}, {mode}\n{when}", fontsize=10)
         fig.tight_layout()
         suffix = f"_H{hidden}" if kind == "fused-linear" else ""
         name = f"{r0['device']}_{kind}_{dtype}{suffix}.png"

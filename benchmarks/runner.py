@@ -112,14 +112,17 @@ def _spawn(spec: dict, timeout: float, log) -> list[dict]:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         why = f"worker timed out after {timeout:.0f}s"
-    log.write(f"$ worker {spec['provider']} ({len(spec['problems'])} points)\n{err}\n")
+    what = f"{spec['job']} {' '.join(spec['providers'])} ({len(spec['problems'])} points)"
+    log.write(f"$ worker {what}\n{err}" + ("\n" if err else ""))
     lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
     rows = [json.loads(line[len(RESULT_PREFIX) :]) for line in lines]
-    done = {(json.dumps(r["problem"], sort_keys=True), r["mode"]) for r in rows}
+    done = {(json.dumps(r["problem"], sort_keys=True), r["provider"], r["mode"]) for r in rows}
     for pd in spec["problems"]:
-        for mode in spec["modes"]:
-            if (json.dumps(pd, sort_keys=True), mode) not in done:
-                rows.append({"problem": pd, "mode": mode, "note": "", "status": f"failed: {why}"})
+        for name in spec["providers"]:
+            for mode in spec["modes"]:
+                if (json.dumps(pd, sort_keys=True), name, mode) not in done:
+                    failed = {"status": f"failed: {why}", "note": ""}
+                    rows.append({"problem": pd, "provider": name, "mode": mode, **failed})
     return rows
 
 
@@ -172,45 +175,82 @@ def run_preset(
         "threads": torch.get_num_threads(),
         **_versions(),
     }
-    spec_base = {"modes": list(modes), "device": device, "deadline": deadline, "reps": reps}
-    spec_base |= {"threads": threads, "worker_timeout_s": worker_timeout_s}
+    base = {"modes": list(modes), "device": device, "deadline": deadline, "reps": reps}
+    base |= {"threads": threads, "worker_timeout_s": worker_timeout_s}
+    ctx = (base, common, ceilings, log)
     rows: list[dict] = []
     order = sorted(providers, key=lambda n: GPU_ORDER.index(n)) if cuda else providers
     for kind, problems in phases(preset, beta):
-        for provider in (n for n in order if PROVIDERS[n][0] == kind):
-            rows += _run_provider(provider, problems, spec_base, common, ceilings, mem_cap_gib, log)
+        names = [n for n in order if PROVIDERS[n][0] == kind]
+        absent = {n: unavailable_reason(n, device) for n in names}
+        for n in names:
+            if absent[n]:
+                rows += [
+                    _row(common, ceilings, p, n, m, {"status": absent[n]})
+                    for p in problems
+                    for m in modes
+                ]
+        names = [n for n in names if not absent[n]]
+        if cuda:  # one process for the phase: allocator counters need no fresh process
+            rows += _job("time", names, problems, ctx)
+            continue
+        for p in problems:
+            fits = []
+            for n in names:
+                why = _skip_for_memory(n, p, mem_cap_gib * 2**30)
+                if why:
+                    rows += [_row(common, ceilings, p, n, m, {"status": why}) for m in modes]
+                else:
+                    fits.append(n)
+            if not fits:
+                continue
+            memory = {}
+            for n in fits:  # a fresh process per provider and point: its peak RSS is its own
+                for r in _job("memory", [n], [p], ctx):
+                    memory[(r["provider"], r["mode"])] = r
+            for r in _job("time", fits, [p], ctx):
+                rows.append(_merge_memory(r, memory.get((r["provider"], r["mode"]))))
+                log.write(_line(rows[-1]))
+            log.flush()
     path = out_dir / f"{dev}.csv"
     _append_csv(path, rows)
     log.write(f"{len(rows)} rows appended to {path} in {time.time() - start:.0f}s\n")
     return path, common["run_id"], rows
 
 
-def _run_provider(provider, problems, base, common, ceilings, mem_cap_gib, log) -> list[dict]:
-    cuda = base["device"].startswith("cuda")
-    rows, todo = [], []
-    absent = unavailable_reason(provider, base["device"])
-    for p in problems:
-        why = absent or (None if cuda else _skip_for_memory(provider, p, mem_cap_gib * 2**30))
-        if why:
-            rows += [_row(common, ceilings, p, provider, m, {"status": why}) for m in base["modes"]]
-        else:
-            todo.append(p.to_dict())
-    # CPU: a fresh process per point (its peak RSS is that point's); GPU: one per provider.
-    for batch in ([todo] if cuda else [[pd] for pd in todo]) if todo else []:
-        left = base["deadline"] - time.time()
-        if left <= 0:
-            skipped = {"status": "skipped: time budget of the run spent"}
-            for pd in batch:
-                p = Problem(**pd)
-                rows += [_row(common, ceilings, p, provider, m, skipped) for m in base["modes"]]
-            continue
-        spec = {**base, "provider": provider, "problems": batch}
-        timeout = max(30.0, min(base["worker_timeout_s"] * len(batch), left + 60))
-        for r in _spawn(spec, timeout, log):
-            rows.append(_row(common, ceilings, Problem(**r["problem"]), provider, r["mode"], r))
+def _job(job: str, providers: list[str], problems: list[Problem], ctx) -> list[dict]:
+    """Run one worker; return its rows (points it never reported become failed rows)."""
+    base, common, ceilings, log = ctx
+    modes = base["modes"]
+    left = base["deadline"] - time.time()
+    if left <= 0:
+        skipped = {"status": "skipped: time budget of the run spent"}
+        return [
+            _row(common, ceilings, p, n, m, skipped)
+            for p in problems
+            for n in providers
+            for m in modes
+        ]
+    spec = {**base, "job": job, "providers": providers, "problems": [p.to_dict() for p in problems]}
+    timeout = max(30.0, min(base["worker_timeout_s"] * len(problems), left + 60))
+    rows = []
+    for r in _spawn(spec, timeout, log):
+        rows.append(_row(common, ceilings, Problem(**r["problem"]), r["provider"], r["mode"], r))
+        if job == "time" and base["device"].startswith("cuda"):
             log.write(_line(rows[-1]))
-        log.flush()
     return rows
+
+
+def _merge_memory(row: dict, mem: dict | None) -> dict:
+    """A CPU timing row with the peak RSS its memory job measured."""
+    if row["status"] != "ok":
+        return row
+    if mem is None or mem["status"] != "ok":
+        row["status"] = "memory job: " + (mem["status"] if mem else "no result")
+        return row
+    row["peak_extra_bytes"] = mem["peak_extra_bytes"]
+    row["peak_extra_over_logits"] = mem["peak_extra_over_logits"]
+    return row
 
 
 def _row(common: dict, ceilings: dict, p: Problem, provider: str, mode: str, r: dict) -> dict:
@@ -230,11 +270,12 @@ def _row(common: dict, ceilings: dict, p: Problem, provider: str, mode: str, r: 
         "status": r["status"],
         "matmul_TFLOPs": round(ceilings.get(f"matmul_TFLOPs_{p.dtype}", 0.0), 4),
     }
-    if r["status"] == "ok":
-        row.update({k: r[k] for k in ("median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms")})
-        row["tokens_per_s"] = p.tokens / (r["median_ms"] / 1e3)
+    if "peak_extra_bytes" in r:
         row["peak_extra_bytes"] = r["peak_extra_bytes"]
         row["peak_extra_over_logits"] = r["peak_extra_bytes"] / p.logits_bytes
+    if "median_ms" in r:
+        row.update({k: r[k] for k in ("median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms")})
+        row["tokens_per_s"] = p.tokens / (r["median_ms"] / 1e3)
         row.update(floor_metrics(p, mode, r["median_ms"], ceilings))
     for k, v in row.items():
         if isinstance(v, float):

@@ -1,17 +1,21 @@
-"""One child process: times one provider on a list of points and prints a JSON line per mode.
+"""One child process: measures providers on a list of points and prints a JSON line per
+(point, provider, mode).
 
-Run by ``runner`` as ``python -m benchmarks.worker '<json>'``. A fresh process per provider (on
-the CPU, per point) keeps one provider's caches, compiled graphs and allocator state out of
-another's numbers, and lets a crash, a timeout or an out-of-memory fail one point only.
+Run by ``runner`` as ``python -m benchmarks.worker '<json>'``. Two jobs:
 
-Memory: the peak above the level with only the inputs allocated (plus, for "backward", the
-forward's saved tensors: its window is the backward call alone). On CUDA that is
+* ``time``: all the given providers on each point, their calls interleaved round-robin (A, B, C,
+  A, B, C, ...), so a load change on a shared machine hits every provider alike and the ratios
+  between them stay fair. On CUDA it also measures memory (the allocator's counters are exact in
+  any process).
+* ``memory`` (CPU): one provider on one point in a fresh process, so its peak RSS is its own.
+
+Memory is the peak above the level with only the inputs allocated (for "backward": with the
+forward's saved tensors too; its window is the backward call alone). On CUDA that is
 ``max_memory_allocated`` after ``reset_peak_memory_stats``. On the CPU it is the kernel's own
 high-water mark of resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``), which
 sees every spike, unlike sampling. Before the baseline is read, ``malloc_trim(0)`` hands the heap
 memory that glibc kept from the warm-up back to the OS; otherwise the measured call would reuse
-it unseen. The memory call is not one of the timed calls: those run with glibc's normal reuse,
-as a training loop does.
+it unseen. Timed calls run with glibc's normal reuse, as a training loop does.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import traceback
 import torch
 
 from .problems import Problem
-from .providers import Unavailable, build_case
+from .providers import Unavailable, build_case, clear_input_cache
 
 RESULT_PREFIX = "RESULT "
 
@@ -99,31 +103,51 @@ def run_mode(case, mode: str, device: str, probe: MemoryProbe | None) -> float:
     return elapsed
 
 
-def measure(case, mode: str, device: str, cfg: dict) -> dict:
-    first = run_mode(case, mode, device, None)  # warm-up: compilation, autotuning, allocator
-    for _ in range(cfg["warmup"] - 1):
+def measure_memory(case, mode: str, device: str, warmup: int) -> dict:
+    for _ in range(warmup):  # compilation, autotuning, lazy initialization
         run_mode(case, mode, device, None)
     probe = MemoryProbe(device)
     run_mode(case, mode, device, probe)
     peak = probe.peak_extra()
     _clear(case.leaves)
-    times: list[float] = []
-    spent = 0.0
-    more = lambda: spent < cfg["budget_s"] and len(times) < cfg["max_reps"]
-    while len(times) < cfg["min_reps"] or more():
-        times.append(run_mode(case, mode, device, None))
-        spent += times[-1]
+    return {"status": "ok", "peak_extra_bytes": peak}
+
+
+def time_interleaved(cases: dict, mode: str, device: str, cfg: dict, memory: bool) -> dict:
+    """Round-robin timing of every case in ``mode``; returns provider -> row."""
+    rows: dict[str, dict] = {}
+    times: dict[str, list[float]] = {}
+    for name, case in cases.items():
+        try:
+            first = run_mode(case, mode, device, None)
+            for _ in range(cfg["warmup"] - 1):
+                run_mode(case, mode, device, None)
+            row = measure_memory(case, mode, device, 0) if memory else {}
+            rows[name] = {"status": "ok", "first_call_ms": first * 1e3, **row}
+            times[name] = []
+        except Exception as err:  # noqa: BLE001 - every failure becomes a row, never a crash
+            traceback.print_exc(file=sys.stderr)
+            rows[name] = {"status": _failure(err)}
+        _clear(case.leaves)
+
+    def wants_more(name: str) -> bool:
+        t = times[name]
+        return len(t) < cfg["min_reps"] or (sum(t) < cfg["budget_s"] and len(t) < cfg["max_reps"])
+
+    while active := [n for n in times if wants_more(n)]:
+        for name in active:
+            try:
+                times[name].append(run_mode(cases[name], mode, device, None))
+            except Exception as err:  # noqa: BLE001
+                traceback.print_exc(file=sys.stderr)
+                rows[name] = {"status": _failure(err)}
+                del times[name]
+            _clear(cases[name].leaves)
     levels = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
-    q = torch.tensor(times, dtype=torch.float64).quantile(levels)
-    return {
-        "status": "ok",
-        "p20_ms": q[0].item() * 1e3,
-        "median_ms": q[1].item() * 1e3,
-        "p80_ms": q[2].item() * 1e3,
-        "reps": len(times),
-        "first_call_ms": first * 1e3,
-        "peak_extra_bytes": peak,
-    }
+    for name, t in times.items():
+        q = torch.tensor(t, dtype=torch.float64).quantile(levels).tolist()
+        rows[name].update(p20_ms=q[0] * 1e3, median_ms=q[1] * 1e3, p80_ms=q[2] * 1e3, reps=len(t))
+    return rows
 
 
 def _failure(err: BaseException) -> str:
@@ -143,32 +167,40 @@ def main(spec: dict) -> None:
     for pd in spec["problems"]:
         p = Problem(**pd)
         if time.time() > spec["deadline"]:
-            for mode in spec["modes"]:
-                _emit(pd, mode, {"status": "skipped: time budget of the run spent"}, "")
+            for name in spec["providers"]:
+                for mode in spec["modes"]:
+                    _emit(pd, name, mode, {"status": "skipped: time budget of the run spent"})
             continue
-        try:
-            case = build_case(spec["provider"], p, device)
-        except Exception as err:  # noqa: BLE001 - every failure becomes a row, never a crash
-            for mode in spec["modes"]:
-                _emit(pd, mode, {"status": _failure(err)}, "")
-            continue
-        for mode in spec["modes"]:
+        cases = {}
+        for name in spec["providers"]:
             try:
-                row = measure(case, mode, device, spec["reps"])
+                cases[name] = build_case(name, p, device)
             except Exception as err:  # noqa: BLE001
-                traceback.print_exc(file=sys.stderr)
-                row = {"status": _failure(err)}
-            _emit(pd, mode, row, case.note)
-            _clear(case.leaves)
+                for mode in spec["modes"]:
+                    _emit(pd, name, mode, {"status": _failure(err)})
+        for mode in spec["modes"]:
+            if spec["job"] == "memory":
+                rows = {}
+                for name, case in cases.items():
+                    try:
+                        rows[name] = measure_memory(case, mode, device, spec["reps"]["warmup"])
+                    except Exception as err:  # noqa: BLE001
+                        rows[name] = {"status": _failure(err)}
+            else:
+                memory = device.startswith("cuda")
+                rows = time_interleaved(cases, mode, device, spec["reps"], memory)
+            for name, row in rows.items():
+                _emit(pd, name, mode, {**row, "note": cases[name].note})
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-        del case
+        del cases
+        clear_input_cache()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
 
-def _emit(pd: dict, mode: str, row: dict, note: str) -> None:
-    line = json.dumps({"problem": pd, "mode": mode, "note": note, **row})
+def _emit(pd: dict, provider: str, mode: str, row: dict) -> None:
+    line = json.dumps({"problem": pd, "provider": provider, "mode": mode, **row})
     print(RESULT_PREFIX + line, flush=True)
 
 
