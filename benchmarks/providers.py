@@ -245,14 +245,14 @@ def unavailable_reason(name: str, device: str) -> str | None:
     if name.startswith("liger") and importlib.util.find_spec("liger_kernel") is None:
         return "unavailable: liger-kernel not installed"
     if name == "renio-cpu":
+        if cuda:  # checked first: loading the extension may build it (a minute of the budget)
+            return "unavailable: the native CPU kernel does not take CUDA tensors"
         from renio_kernels.backends import resolve_backend
 
         try:
             resolve_backend("cpu", torch.device("cpu"))
         except ValueError as err:
             return f"unavailable: {err}"
-        if cuda:
-            return "unavailable: the native CPU kernel does not take CUDA tensors"
     if name == "renio-fused-linear":
         import renio_kernels
 

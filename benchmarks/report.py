@@ -13,6 +13,7 @@ OURS = {
     "fused-linear": ("renio-fused-linear",),
 }
 BASELINE = {"logits": "reference", "fused-linear": "reference-fl"}
+COMPILED = {"logits": "reference-compiled"}
 LIGER = {"logits": ("liger-jsd",), "fused-linear": ("liger-fl-triton", "liger-fl-chunked")}
 HEADLINE_MODE = "forward+backward"
 
@@ -79,8 +80,9 @@ def _headline(idx, shapes) -> list[str]:
         "extra memory in units of one logits tensor, ours / theirs):",
         "",
         "| kind | dtype | V | H | B*T | ours | ours ms | speed-up vs reference | memory vs "
-        "reference | speed-up vs Liger | memory vs Liger |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "reference | speed-up vs compiled reference | memory vs compiled | speed-up vs Liger | "
+        "memory vs Liger |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape in shapes:
         kind = shape[0]
@@ -91,6 +93,8 @@ def _headline(idx, shapes) -> list[str]:
             cells = _shape_cells(shape) + [ours, f"{_f(mine, 'median_ms'):.1f}"]
             ref = idx.get((*shape, BASELINE[kind], HEADLINE_MODE))
             cells += list(_vs(mine, ref)) if ref else ["n/a", "n/a"]
+            comp = idx.get((*shape, COMPILED.get(kind, ""), HEADLINE_MODE))
+            cells += list(_vs(mine, comp)) if comp else ["n/a", "n/a"]
             lig = [(n, idx.get((*shape, n, HEADLINE_MODE))) for n in LIGER[kind]]
             lig = [(n, _vs(mine, r)) for n, r in lig if r]
             if lig:
