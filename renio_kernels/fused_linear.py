@@ -8,27 +8,37 @@ Design. The flattened ``N = B * T`` tokens are taken in chunks of rows (``ops.li
 size comes from ``(V, Hs, Ht)`` and the device, or ``chunk_size=``). Per chunk, the student and
 teacher logits are formed in fp32 and fed to the resolved backend's row kernels (Triton on CUDA,
 the chunked torch kernels on CPU) as a ``(1, rows, V)`` batch. The forward keeps per-token
-``lse_s, lse_t, C`` (for the backward) and returns ``d, ls[x], lt[x]`` like ``RowStatsFunction``;
+``lse_s, lse_t, C`` and returns ``d, ls[x], lt[x]`` like ``RowStatsFunction``;
 ``weights.reduce_renio`` turns them into the loss, so the ReNIO weights are exactly those of
 ``renio_loss``. Those weights depend on every sequence of the batch, so the per-token gradient
-scale ``dL/dd`` is only known once the whole forward has run: the backward recomputes both sides'
-logits chunk by chunk, gets the fp32 logits gradient from the backend's ``bwd`` and forms
-``grad_hidden = g @ Ws``, ``grad_weight += g.T @ hs`` (fp32 accumulator, returned in the weight's
-dtype) and ``grad_bias += sum(g)``, each only for an input that requires grad.
+scale ``gd = dL/dd`` is only known once the whole forward has run. Two consequences:
+
+* ``grad_hidden`` is row-local and linear in ``gd``: ``grad_hidden[n] = gd[n] * (u_n @ Ws)`` with
+  ``u_n = (c - ps C) / tau`` the unit-scale logits gradient of token ``n``. The forward forms
+  ``u @ Ws`` from the logits it already has and keeps it ((N, Hs) fp32); the backward only scales
+  the rows.
+* ``grad_weight = sum_n gd[n] u_n^T hs_n`` and ``grad_bias`` mix rows with their scales, so the
+  backward recomputes both sides' logits chunk by chunk, gets ``g = gd * u`` from the backend's
+  ``bwd`` and accumulates ``g.T @ hs`` (fp32 accumulator, returned in the weight's dtype) and
+  ``sum(g)``.
+
+Each of these runs only for an input that requires grad, and none under ``torch.no_grad()``.
 
 Cost in (tokens x vocab x hidden) matmul passes, against a floor of four (student and teacher
 logits once, grad_hidden, grad_weight):
 
-* ``use_renio=True`` (default): 6. Forward 2 (student, teacher logits); backward 4 (both logits
-  again, grad_hidden, grad_weight). The recompute is the price of not storing (N, V) logits while
-  the gradient scale waits for the batch-wide weights. Dropping what is not needed: 5 without
-  grad_weight (frozen lm_head) or without grad_hidden.
+* ``use_renio=True`` (default), hidden states and lm_head trained: 6. Forward 3 (student and
+  teacher logits, ``u @ Ws``); backward 3 (both logits again, grad_weight). The recompute is the
+  price of not storing (N, V) logits while the gradient scale waits for the batch-wide weights.
+* ``use_renio=True`` with a frozen lm_head (e.g. LoRA on the student): 3, all in the forward; the
+  backward does no matmul. With frozen hidden states and a trained lm_head: 5.
 * ``use_renio=False`` with a gradient to compute: 4, the floor. The weights are all 1, so
-  ``dL/dd[b, t] = grad_output * mask / (B * n_b)`` is known up to the scalar ``grad_output`` in
-  the forward: the forward sweep forms the gradients at once and the backward only scales them.
-  They are held from forward to backward (a weight-sized fp32 buffer and a (B, T, H) one) and the
-  work is spent even if no backward follows, as in every fused-linear loss that does this.
-* Teacher columns ``>= Vs`` are never multiplied (SPEC ignores them), so a padded teacher
+  ``gd[b, t] = grad_output * mask / (B * n_b)`` is known up to the scalar ``grad_output`` in
+  the forward: the forward sweep forms every gradient at once and the backward only scales them
+  (held from forward to backward: a weight-sized fp32 buffer and a (B, T, H) one).
+* In both forward-gradient cases the work is spent even if no backward follows, as in every
+  fused-linear loss that does this.
+* Teacher rows ``>= Vs`` are never multiplied (SPEC ignores them), so a padded teacher
   vocabulary costs nothing; the teacher's passes cost ``Ht / Hs`` times the student's.
 
 Memory (fp32 on CPU; ``benchmarks/results/fused_linear_memory.md`` has the measured figures):
@@ -109,8 +119,8 @@ def _stats_sweep(
 ) -> torch.Tensor:
     """Forward sweep: a ``(6, N)`` fp32 tensor of ``lse_s, lse_t, ls_x, lt_x, d, C`` per token.
 
-    With ``grad_scale`` (``dL/dd`` per token, known up front) it also accumulates the student's
-    gradients into ``grads`` from the logits already in hand.
+    With ``grad_scale`` (``dL/dd`` per token, or 1 for the unit-scale ``u @ Ws``) it also
+    accumulates the student's gradients into ``grads`` from the logits already in hand.
     """
     n_rows = labels.shape[0]
     out = torch.zeros((6, n_rows), dtype=torch.float32, device=labels.device)
@@ -154,16 +164,14 @@ def _grad_sweep(
     labels: torch.Tensor,
     plan: SweepPlan,
     saved: torch.Tensor,
-    grad_d: torch.Tensor | None,
-    grad_ls_x: torch.Tensor | None,
+    grad_d: torch.Tensor,
     grads: GradBuffers,
 ) -> None:
     """Backward sweep: recompute the logits per chunk and accumulate the student's gradients."""
     lse_s, lse_t, c = saved.unbind(0)
     for r0, r1 in chunk_bounds(labels.shape[0], plan.rows):
         logits_s = student.logits(r0, r1).unsqueeze(0)
-        # The teacher enters only the divergence term; without it the kernels never read it.
-        logits_t = teacher.logits(r0, r1).unsqueeze(0) if grad_d is not None else logits_s
+        logits_t = teacher.logits(r0, r1).unsqueeze(0)
         stats = RowStats(
             _chunk(lse_s, r0, r1), _chunk(lse_t, r0, r1), None, None, None, _chunk(c, r0, r1)
         )
@@ -173,66 +181,84 @@ def _grad_sweep(
             _chunk(labels, r0, r1),
             plan.params,
             stats,
-            None if grad_d is None else _chunk(grad_d, r0, r1),
-            None if grad_ls_x is None else _chunk(grad_ls_x, r0, r1),
+            _chunk(grad_d, r0, r1),
+            None,
         )
         del logits_s, logits_t
         grads.accumulate(g.view(r1 - r0, -1), student, r0, r1)
         del g
 
 
-def _grad_outputs(grads: GradBuffers, hidden_shape, w_s, b_s):
-    return (
-        None if grads.hidden is None else grads.hidden.view(hidden_shape),
-        None if grads.weight is None else grads.weight.to(w_s.dtype),
-        None if grads.bias is None else grads.bias.to(b_s.dtype),
-    )
-
-
 class FusedLinearRowStatsFunction(torch.autograd.Function):
     """``(hidden, weight, bias) x 2, labels -> d, ls[x], lt[x]`` (each (B, T) fp32), chunked.
 
-    The outputs are those of ``RowStatsFunction`` on the materialized logits; the backward
-    recomputes the logits per chunk (see the module docstring). ``plan.want`` says which student
-    gradients to form; it must be False for everything under ``torch.no_grad()``.
+    The outputs are those of ``RowStatsFunction`` on the materialized logits, but only ``d`` is
+    differentiable (``reduce_renio`` uses ``ls[x]`` detached, for the weights). ``plan.want``
+    says which student gradients to form; it must be False for everything under
+    ``torch.no_grad()`` (where ``ctx.needs_input_grad`` still reports True).
     """
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, plan: SweepPlan):
         batch_seq = labels.shape
         flat_s, flat_t, flat_labels = _flat(h_s), _flat(h_t), labels.reshape(-1)
-        need_grad = any(plan.want)
+        want_h, want_w, want_b = plan.want
+        # u @ Ws per token, scaled by dL/dd in the backward (see the module docstring).
+        unit = GradBuffers(
+            torch.empty(flat_s.shape, dtype=torch.float32, device=h_s.device) if want_h else None,
+            None,
+            None,
+        )
         with _no_autocast(h_s.device):
             student, teacher = _sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
-            out = _stats_sweep(student, teacher, flat_labels, plan, store_c=need_grad)
+            out = _stats_sweep(
+                student,
+                teacher,
+                flat_labels,
+                plan,
+                store_c=any(plan.want),
+                grad_scale=torch.ones_like(flat_labels, dtype=torch.float32) if want_h else None,
+                grads=unit,
+            )
         del student, teacher
         lse_s, lse_t, ls_x, lt_x, d, c = out.unbind(0)
         ctx.set_materialize_grads(False)
-        ctx.plan, ctx.hidden_shape = plan, h_s.shape
-        if need_grad:
-            saved = torch.stack((lse_s, lse_t, c))
-            ctx.save_for_backward(flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, saved)
+        ctx.plan, ctx.hidden_shape, ctx.hidden_dtype = plan, h_s.shape, h_s.dtype
+        if want_w or want_b:
+            stats = torch.stack((lse_s, lse_t, c))
+            tensors = (flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, stats)
+            ctx.save_for_backward(unit.hidden, *tensors)
+        elif want_h:
+            ctx.save_for_backward(unit.hidden)
         d, ls_x, lt_x = (x.view(batch_seq) for x in (d, ls_x, lt_x))
-        ctx.mark_non_differentiable(lt_x)
+        ctx.mark_non_differentiable(ls_x, lt_x)
         return d, ls_x, lt_x
 
     @staticmethod
-    def backward(ctx, grad_d, grad_ls_x, _grad_lt_x):
+    def backward(ctx, grad_d, _grad_ls_x, _grad_lt_x):
         plan: SweepPlan = ctx.plan
+        want_h, want_w, want_b = plan.want
         nones = (None,) * 5
-        if (grad_d is None and grad_ls_x is None) or not any(plan.want):
+        if grad_d is None or not any(plan.want):
             return (None, None, None, *nones)
-        flat_s, w_s, b_s, flat_t, w_t, b_t, labels, saved = ctx.saved_tensors
-        n_rows = labels.shape[0]
-        if grad_d is not None:
-            grad_d = grad_d.reshape(n_rows).float().contiguous()
-        if grad_ls_x is not None:
-            grad_ls_x = grad_ls_x.reshape(n_rows).float().contiguous()
-        grads = GradBuffers.allocate(flat_s, w_s, plan.want)
-        with _no_autocast(flat_s.device):
-            student, teacher = _sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
-            _grad_sweep(student, teacher, labels, plan, saved, grad_d, grad_ls_x, grads)
-        return (*_grad_outputs(grads, ctx.hidden_shape, w_s, b_s), *nones)
+        saved = ctx.saved_tensors
+        unit_h = saved[0]
+        n_rows = grad_d.numel()
+        grad_d = grad_d.reshape(n_rows).float().contiguous()
+        grad_h = grad_w = grad_b = None
+        if want_h:
+            grad_h = unit_h.mul(grad_d.unsqueeze(-1)).to(ctx.hidden_dtype).view(ctx.hidden_shape)
+        if want_w or want_b:
+            _, flat_s, w_s, b_s, flat_t, w_t, b_t, labels, stats = saved
+            grads = GradBuffers.allocate(flat_s, w_s, (False, want_w, want_b))
+            with _no_autocast(flat_s.device):
+                student, teacher = _sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
+                _grad_sweep(student, teacher, labels, plan, stats, grad_d, grads)
+            if want_w:
+                grad_w = grads.weight.to(w_s.dtype)
+            if want_b:
+                grad_b = grads.bias.to(b_s.dtype)
+        return (grad_h, grad_w, grad_b, *nones)
 
 
 class FusedLinearDirectFunction(torch.autograd.Function):

@@ -212,9 +212,12 @@ def test_requires_grad_combinations(monkeypatch, want, use_renio):
         assert not out.requires_grad
         assert spy.allocated == [] and spy.logits_calls == 2 * chunks
     elif use_renio:
-        # Forward: both sides; backward: both sides again; only the wanted buffers exist.
-        assert spy.allocated == [tuple(bool(w) for w in want)]
-        assert spy.logits_calls == 4 * chunks
+        # grad_hidden is formed in the forward; the backward recomputes both sides' logits only
+        # for the weight and bias gradients, and allocates only those.
+        _, want_w, want_b = (bool(w) for w in want)
+        recompute = want_w or want_b
+        assert spy.allocated == ([(False, want_w, want_b)] if recompute else [])
+        assert spy.logits_calls == (4 if recompute else 2) * chunks
     else:
         assert spy.allocated == [tuple(bool(w) for w in want)]
         assert spy.logits_calls == 2 * chunks
@@ -410,3 +413,40 @@ def test_module_ema_and_state_dict():
     assert torch.equal(restored.ema_mean, before)  # eval: used, not advanced
     torch.testing.assert_close(again, fused.eval()(h_s, w_s, h_t, w_t, labels, b_s, b_t))
     assert "chunk_size=5" in repr(fused)
+
+
+def test_hugging_face_recipe():
+    """The docs' recipe: decoder hidden states and lm_head weights of two HF models."""
+    transformers = pytest.importorskip("transformers")
+
+    def tiny(vocab, width, seed):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        )  # fmt: skip
+        return transformers.LlamaForCausalLM(cfg)
+
+    student, teacher = tiny(50, 16, 0), tiny(56, 24, 1)  # padded teacher vocabulary, Ht != Hs
+    input_ids = torch.randint(0, 50, (2, 9))
+    labels = input_ids[:, 1:].clone()
+    labels[:, :3] = IGNORE  # the prompt
+    with torch.no_grad():
+        t_hidden = teacher.get_decoder()(input_ids).last_hidden_state
+    s_hidden = student.get_decoder()(input_ids).last_hidden_state
+    lm_head = student.get_output_embeddings()
+    loss = rk.fused_linear_renio_loss(
+        s_hidden[:, :-1], lm_head.weight, t_hidden[:, :-1],
+        teacher.get_output_embeddings().weight, labels, token_clip=0.05, chunk_size=5,
+    )  # fmt: skip
+    loss.backward()
+    grad = lm_head.weight.grad.clone()
+    student.zero_grad()
+    with torch.no_grad():
+        t_logits = teacher(input_ids).logits[:, :-1]
+    ref = rk.renio_loss(
+        student(input_ids).logits[:, :-1], t_logits, labels, token_clip=0.05, backend="torch"
+    )
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    assert rel_err(grad, lm_head.weight.grad) <= 1e-5
