@@ -35,7 +35,7 @@ logits once, grad_hidden, grad_weight):
 * ``use_renio=False`` with a gradient to compute: 4, the floor. The weights are all 1, so
   ``gd[b, t] = grad_output * mask / (B * n_b)`` is known up to the scalar ``grad_output`` in
   the forward: the forward sweep forms every gradient at once and the backward only scales them
-  (held from forward to backward: a weight-sized fp32 buffer and a (B, T, H) one).
+  (held from forward to backward: a weight-sized and a (B, T, H)-sized fp32 buffer).
 * In both forward-gradient cases the work is spent even if no backward follows, as in every
   fused-linear loss that does this.
 * Teacher rows ``>= Vs`` are never multiplied (SPEC ignores them), so a padded teacher
@@ -276,7 +276,8 @@ class FusedLinearDirectFunction(torch.autograd.Function):
         flat_s, flat_t, flat_labels = _flat(h_s), _flat(h_t), labels.reshape(-1)
         n = mask.sum(-1).clamp(min=1).to(torch.float32)
         scale = (mask.to(torch.float32) / (batch_seq[0] * n).unsqueeze(-1)).reshape(-1)
-        grads = GradBuffers.allocate(flat_s, w_s, plan.want)
+        # fp32 until scaled by grad_output in the backward: one rounding to the hidden dtype.
+        grads = GradBuffers.allocate(flat_s, w_s, plan.want, hidden_dtype=torch.float32)
         with _no_autocast(h_s.device):
             student, teacher = _sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
             out = _stats_sweep(
@@ -288,7 +289,7 @@ class FusedLinearDirectFunction(torch.autograd.Function):
         loss = (d.sum(-1) / n).mean()
         ctx.set_materialize_grads(False)
         ctx.hidden_shape = h_s.shape
-        ctx.dtypes = (w_s.dtype, None if b_s is None else b_s.dtype)
+        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
         ctx.mark_non_differentiable(d, ls_x, lt_x)
         return loss, d, ls_x, lt_x
@@ -299,10 +300,10 @@ class FusedLinearDirectFunction(torch.autograd.Function):
         if grad_loss is None:
             return (None, None, None, *nones)
         g_h, g_w, g_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_loss = grad_loss.to(torch.float32)
         return (
-            None if g_h is None else g_h.mul(grad_loss).to(g_h.dtype).view(ctx.hidden_shape),
+            None if g_h is None else g_h.mul(grad_loss).to(h_dtype).view(ctx.hidden_shape),
             None if g_w is None else g_w.mul(grad_loss).to(w_dtype),
             None if g_b is None else g_b.mul(grad_loss).to(b_dtype),
             *nones,

@@ -187,9 +187,9 @@ class _Spy:
             self.logits_calls += 1
             return logits(side, r0, r1)
 
-        def recording_allocate(hidden, weight, want):
+        def recording_allocate(hidden, weight, want, **kw):
             self.allocated.append(tuple(want))
-            return allocate(hidden, weight, want)
+            return allocate(hidden, weight, want, **kw)
 
         monkeypatch.setattr(linear_chunks.LinearSide, "logits", counting_logits)
         monkeypatch.setattr(linear_chunks.GradBuffers, "allocate", staticmethod(recording_allocate))
@@ -450,3 +450,23 @@ def test_hugging_face_recipe():
     ref.backward()
     torch.testing.assert_close(loss, ref)
     assert rel_err(grad, lm_head.weight.grad) <= 1e-5
+
+
+def test_single_token_and_nan_propagation():
+    inputs = make_linear(batch=1, seq=1, ignore="none")
+    out, grads = run_fused(*inputs, backend="torch", beta=0.5)
+    ref_out, ref_grads = ref_fused(*inputs, beta=0.5)
+    assert_close(out, grads, ref_out, ref_grads)
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = make_linear(ignore="none")
+    h_s[1, 3, 0] = float("nan")
+    loss = rk.fused_linear_renio_loss(h_s, w_s, h_t, w_t, labels, backend="torch")
+    assert torch.isnan(loss)
+
+
+def test_teacher_in_another_dtype():
+    """A bf16 teacher with an fp32 student: each side's logits are fp32."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = make_linear()
+    h_t, w_t, b_t = h_t.bfloat16(), w_t.bfloat16(), b_t.bfloat16()
+    out, grads = run_fused(h_s, w_s, b_s, h_t, w_t, b_t, labels, backend="torch", chunk_size=4)
+    ref_out, ref_grads = ref_fused(h_s, w_s, b_s, h_t, w_t, b_t, labels)
+    assert_close(out, grads, ref_out, ref_grads)

@@ -136,19 +136,23 @@ class LinearSide:
 class GradBuffers:
     """The student's gradients being formed; None for an input that does not need one."""
 
-    hidden: torch.Tensor | None  # (N, H) in the hidden states' dtype, written per chunk
+    hidden: torch.Tensor | None  # (N, H), written per chunk
     weight: torch.Tensor | None  # (V, H) fp32 accumulator
     bias: torch.Tensor | None  # (V,) fp32 accumulator
 
     @staticmethod
     def allocate(
-        hidden: torch.Tensor, weight: torch.Tensor, want: tuple[bool, bool, bool]
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        want: tuple[bool, bool, bool],
+        hidden_dtype: torch.dtype | None = None,
     ) -> GradBuffers:
         want_h, want_w, want_b = want
         vocab, width = weight.shape
         dev = hidden.device
+        h_dtype = hidden_dtype or hidden.dtype
         return GradBuffers(
-            torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if want_h else None,
+            torch.empty(hidden.shape, dtype=h_dtype, device=dev) if want_h else None,
             torch.zeros((vocab, width), dtype=torch.float32, device=dev) if want_w else None,
             torch.zeros((vocab,), dtype=torch.float32, device=dev) if want_b else None,
         )
