@@ -113,7 +113,7 @@ def renio_fwd_torch(
         )
         if with_divergence:
             e, de, _ = _terms(ls, lt, params, want_grad=store_c)
-            d[bs, ts] = torch.where(valid, e.sum(-1), zero)
+            d[bs, ts] = torch.where(valid, torch.where(in_range, e.sum(-1), nan), zero)
             if store_c:
                 c[bs, ts] = torch.where(valid, de.sum(-1), zero)
             del e, de
