@@ -74,8 +74,8 @@ def test_backward_terms_match_autograd(backend, terms, poison):
     params = DivergenceParams(beta=1.0, temperature=0.8, token_clip=0.05)
     kw = {"block_v": 16} if backend == "triton" else {"chunk_elements": 41 * 2}
     stats = fwd(s, t, labels, params, with_divergence=True, store_c=True, **kw)
-    gd = torch.randn(labels.shape) if terms != "sampled" else None
-    gx = torch.randn(labels.shape) if terms != "div" else None
+    gd = torch.randn(labels.shape, device=labels.device) if terms != "sampled" else None
+    gx = torch.randn(labels.shape, device=labels.device) if terms != "div" else None
     grad = bwd(s, t, labels, params, stats, gd, gx, **kw)
 
     s64 = s.double().requires_grad_()
