@@ -65,7 +65,7 @@ def _shape_cells(shape) -> list[str]:
 
 def _header(r0) -> str:
     return (
-        f"Machine `{r0['device']}` ({r0['threads']} threads), {r0['date']}, commit "
+        f"Machine `{r0['device']}` (torch threads: {r0['threads']}), {r0['date']}, commit "
         f"`{r0['commit']}`, torch {r0['torch']}, triton {r0['triton']}, liger-kernel "
         f"{r0['liger_kernel']}. Ceilings measured in this run: copy "
         f"{_f(r0, 'copy_GBps'):.1f} GB/s, exp {_f(r0, 'exp_Gps'):.2f} G/s, "
