@@ -128,8 +128,13 @@ def gathered_lm_head(weight: torch.Tensor, bias: torch.Tensor | None, *, grad: b
     params = [p for p in (weight, bias) if p is not None]
     if any(_is_zero3_param(p) for p in params):
         import deepspeed  # noqa: PLC0415
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: PLC0415
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        # A parameter already AVAILABLE (a tied embedding inside its own module's forward) must
+        # not be gathered again: releasing it on exit would collide with that module's tracking.
+        todo = {id(p): p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE}
+        ctx = deepspeed.zero.GatheredParameters(list(todo.values()), modifier_rank=None)
+        with ctx if todo else contextlib.nullcontext():
             yield tuple(None if p is None else _keep(p.clone(), grad) for p in (weight, bias))
         return
     dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
