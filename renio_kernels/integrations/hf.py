@@ -165,21 +165,28 @@ def _logits(model: nn.Module, input_ids, attention_mask, keep: int) -> torch.Ten
 
 
 def _redirect(wrapper: nn.Module, inner: nn.Module, fn: Callable, *args):
-    """Run ``fn(*args)`` inside ``wrapper.forward`` (so DDP/FSDP/DeepSpeed hooks fire) by
-    swapping ``inner.forward`` for the duration of one call."""
-    if wrapper is inner:
-        return fn(*args)
+    """Run ``fn(*args)`` inside ``wrapper.forward`` by swapping ``inner.forward`` for one call,
+    so the wrapper's hooks fire: DDP's gradient reduction, FSDP1/DeepSpeed gathering, and, when
+    the wrapper is the model itself, FSDP2's root-module unsharding."""
+    patched_before = "forward" in vars(inner)
     original = inner.forward
 
+    def restore() -> None:
+        # Leave no instance attribute behind (it would be a model -> bound method cycle).
+        if patched_before:
+            inner.forward = original
+        else:
+            vars(inner).pop("forward", None)
+
     def forward(*_a, **_k):
-        inner.forward = original
+        restore()
         return fn(*args)
 
     inner.forward = forward
     try:
         return wrapper()
     finally:
-        inner.forward = original
+        restore()
 
 
 def renio_distillation_loss(
