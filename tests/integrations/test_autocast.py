@@ -79,3 +79,17 @@ def test_autocast_fused_linear():
     (loss * -1.3).backward()
     ref, ref_grad, _ = loss_and_grad(ours, h, w_s, w_t, labels, autocast=False)
     assert rel_err(loss, ref) < 1e-5 and rel_err(w.grad, ref_grad) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_autocast_bf16_cuda_triton():
+    h, w_s, w_t, labels = (x.cuda() for x in head_inputs(seq=16, vocab=1000, seed=3))
+    w = w_s.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=BF16):
+        logits_s, logits_t = h @ w.T, h @ w_t.T
+        loss = rk.renio_loss(logits_s, logits_t, labels, backend="triton", **KW)
+    assert logits_s.dtype == BF16 and loss.dtype == torch.float32
+    loss.backward()
+    ref = ref64(logits_s.detach().cpu(), logits_t.detach().cpu(), labels.cpu())
+    assert rel_err(loss, ref) < LOSS_RTOL[BF16] and torch.isfinite(w.grad).all()

@@ -143,3 +143,14 @@ def test_custom_op_opcheck():
         student = s.clone().requires_grad_(grad)
         args = (student, t, labels, 0.5, 1.0, 0.05, -100, "torch", with_div, store_c)
         torch.library.opcheck(torch.ops.renio.row_stats_fwd.default, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton under compile)")
+def test_triton_kernels_under_inductor_on_gpu():
+    s, t, labels = (x.cuda() for x in make_inputs(batch=2, seq=8, vocab=1000, teacher_vocab=1003))
+
+    def fn(s, t, labels):
+        return rk.renio_loss(s, t, labels, beta=0.5, token_clip=0.05, backend="triton")
+
+    assert_parity(fn, s, t, labels, backend="inductor")
