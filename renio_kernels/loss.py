@@ -113,7 +113,7 @@ def renio_loss(
     forward KL they give ``d = +inf`` wherever the teacher has mass (unless clipped). A row that
     is ``-inf`` everywhere has no distribution and gives NaN.
     """
-    opts = _options(
+    opts = call_options(
         beta=beta,
         temperature=temperature,
         token_clip=token_clip,
@@ -143,7 +143,7 @@ def renio_loss(
     return reduce_renio(d, ls_x, lt_x, labels != ignore_index, opts, ema_state, return_stats)
 
 
-def _options(**kw) -> ReNIOOptions:
+def call_options(**kw) -> ReNIOOptions:
     """Validated options. Under ``torch.compile`` a float option may be traced as a symbolic
     float (backed by a float64 tensor, Liger-Kernel #1362) on which ``ReNIOOptions``' checks
     cannot run, so there the same ranges are checked with comparisons (which become guards) and
@@ -178,7 +178,7 @@ def sampled_reverse_kl_loss(
     ``A = lt[x] - ls[x]``. Needs only the two log-normalizers and the sampled logits: one sweep
     over the vocabulary forward, one backward. A fully ignored batch gives 0.
     """
-    opts = _options(temperature=temperature, ignore_index=ignore_index)
+    opts = call_options(temperature=temperature, ignore_index=ignore_index)
     _, ls_x, lt_x = row_stats(
         student_logits,
         teacher_logits,
