@@ -77,6 +77,36 @@ def test_helper_matches_manual_loss(models, fused):
         assert rel_err(p.grad, g) < 1e-4
 
 
+@pytest.mark.parametrize(
+    "fused",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(not HAS_FUSED, reason="fused-linear loss not on this branch"),
+        ),
+    ],
+)
+def test_helper_under_bf16_autocast(models, fused):
+    """fp32 models under CPU bf16 autocast: the loss stays fp32 and within bf16 error of the
+    fp32 run (the logits path sees bf16 logits; the fused path forms fp32 logits itself)."""
+    student, teacher = models
+    ids, attn, comp = prompt_completion_batch(4, 5, 7)
+    runs = []
+    for autocast in (False, True):
+        student.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = renio_distillation_loss(
+                student, teacher, ids, attn, comp, options=OPTS, fused_linear=fused, backend="torch"
+            )
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    (ref, ref_grads), (loss, grads) = runs
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, ref) < 2e-3
+    assert max(rel_err(g, r) for g, r in zip(grads, ref_grads, strict=True)) < 5e-2
+
+
 def test_fused_eligibility():
     plain = tiny_llama(0)
     assert fused_linear_supported(plain)
