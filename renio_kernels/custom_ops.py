@@ -234,3 +234,193 @@ def traced_options(**kw) -> TracedOptions:
     if o.weight_norm not in WEIGHT_NORMS:
         raise ValueError(f"unknown weight_norm {o.weight_norm!r}; expected one of {WEIGHT_NORMS}")
     return o
+
+
+# --- the fused-linear loss -------------------------------------------------------------------
+#
+# ``renio::fused_linear_fwd`` runs the fused-linear forward sweep (both sides' logits chunk by
+# chunk, never stored) and ``renio::fused_linear_bwd`` the weight/bias gradient sweep; the hidden
+# gradient ``unit_h * dL/dd`` is formed in the autograd formula from the forward's ``unit_h``, as
+# ``fused_linear.FusedLinearRowStatsFunction`` does. Under compile the ``use_renio=False``
+# one-sweep shortcut is not used (the same loss through these ops costs two more matmul passes).
+
+_Linear = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _linear_plan(h_s, w_s, h_t, labels, beta, temperature, token_clip, ignore_index, backend,
+                 chunk_size, want):  # fmt: skip
+    from .fused_linear import SweepPlan  # noqa: PLC0415 (fused_linear imports this module)
+    from .ops.linear_chunks import plan_chunk_rows  # noqa: PLC0415
+
+    rows = plan_chunk_rows(
+        labels.numel(), w_s.shape[0], h_s.shape[-1], h_t.shape[-1], h_s.device, chunk_size or None
+    )
+    params = _params(beta, temperature, token_clip, ignore_index)
+    return SweepPlan(params, _backend(backend, h_s.device), rows, want)
+
+
+@torch.library.custom_op("renio::fused_linear_fwd", mutates_args=())
+def fused_linear_fwd(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: torch.Tensor | None,
+    h_t: torch.Tensor,
+    w_t: torch.Tensor,
+    b_t: torch.Tensor | None,
+    labels: torch.Tensor,
+    beta: float,
+    temperature: float,
+    token_clip: float,
+    ignore_index: int,
+    backend: str,
+    chunk_size: int,
+    want_h: bool,
+    want_w: bool,
+    want_b: bool,
+) -> _Linear:
+    """``(d, ls_x, lt_x)`` (B, T) fp32, ``unit_h`` (B*T, Hs) fp32 (``u @ Ws`` per token, empty
+    without want_h) and ``(lse_s, lse_t, C)`` stacked (3, B*T) (empty without want_w/want_b)."""
+    from .fused_linear import _flat, _no_autocast, _sides, _stats_sweep  # noqa: PLC0415
+    from .ops.linear_chunks import GradBuffers  # noqa: PLC0415
+
+    want = (want_h, want_w, want_b)
+    plan = _linear_plan(h_s, w_s, h_t, labels, beta, temperature, token_clip, ignore_index,
+                        backend, chunk_size, want)  # fmt: skip
+    flat_s, flat_t, flat_labels = _flat(h_s), _flat(h_t), labels.reshape(-1)
+    empty = h_s.new_empty((0,), dtype=torch.float32)
+    unit = GradBuffers(
+        torch.empty(flat_s.shape, dtype=torch.float32, device=h_s.device) if want_h else None,
+        None,
+        None,
+    )
+    with _no_autocast(h_s.device):
+        student, teacher = _sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
+        out = _stats_sweep(
+            student,
+            teacher,
+            flat_labels,
+            plan,
+            store_c=any(want),
+            grad_scale=torch.ones_like(flat_labels, dtype=torch.float32) if want_h else None,
+            grads=unit,
+        )
+    lse_s, lse_t, ls_x, lt_x, d, c = out.unbind(0)
+    stats = torch.stack((lse_s, lse_t, c)) if want_w or want_b else empty
+    rows = (x.reshape(labels.shape).clone() for x in (d, ls_x, lt_x))
+    return (*rows, unit.hidden if want_h else empty.clone(), stats)
+
+
+@fused_linear_fwd.register_fake
+def _fused_linear_fwd_fake(h_s, w_s, b_s, h_t, w_t, b_t, labels, beta, temperature, token_clip,
+                           ignore_index, backend, chunk_size, want_h, want_w, want_b):  # fmt: skip
+    n = labels.numel()
+    rows = [labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(3)]
+    unit = h_s.new_empty((n, h_s.shape[-1]) if want_h else (0,), dtype=torch.float32)
+    stats = h_s.new_empty((3, n) if want_w or want_b else (0,), dtype=torch.float32)
+    return (*rows, unit, stats)
+
+
+@torch.library.custom_op("renio::fused_linear_bwd", mutates_args=())
+def fused_linear_bwd(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: torch.Tensor | None,
+    h_t: torch.Tensor,
+    w_t: torch.Tensor,
+    b_t: torch.Tensor | None,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    grad_d: torch.Tensor,
+    beta: float,
+    temperature: float,
+    token_clip: float,
+    ignore_index: int,
+    backend: str,
+    chunk_size: int,
+    want_w: bool,
+    want_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's weight and bias gradients (in their dtypes; empty when not wanted)."""
+    from .fused_linear import _flat, _grad_sweep, _no_autocast, _sides  # noqa: PLC0415
+    from .ops.linear_chunks import GradBuffers  # noqa: PLC0415
+
+    want = (False, want_w, want_b)
+    plan = _linear_plan(h_s, w_s, h_t, labels, beta, temperature, token_clip, ignore_index,
+                        backend, chunk_size, want)  # fmt: skip
+    flat_s, flat_t = _flat(h_s), _flat(h_t)
+    grads = GradBuffers.allocate(flat_s, w_s, want)
+    grad_d = grad_d.reshape(-1).float().contiguous()
+    with _no_autocast(h_s.device):
+        student, teacher = _sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
+        _grad_sweep(student, teacher, labels.reshape(-1), plan, stats, grad_d, grads)
+    empty = w_s.new_empty((0,))
+    grad_w = grads.weight.to(w_s.dtype) if want_w else empty
+    grad_b = grads.bias.to(b_s.dtype) if want_b else empty.clone()
+    return grad_w, grad_b
+
+
+@fused_linear_bwd.register_fake
+def _fused_linear_bwd_fake(h_s, w_s, b_s, h_t, w_t, b_t, labels, stats, grad_d, beta,
+                           temperature, token_clip, ignore_index, backend, chunk_size, want_w,
+                           want_b):  # fmt: skip
+    grad_w = w_s.new_empty(w_s.shape if want_w else (0,))
+    grad_b = w_s.new_empty((w_s.shape[0],) if want_b else (0,), dtype=b_s.dtype if want_b else None)
+    return grad_w, grad_b
+
+
+def _fused_linear_setup(ctx, inputs, output) -> None:
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, *options = inputs
+    _, ls_x, lt_x, unit_h, stats = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(ls_x, lt_x, unit_h, stats)
+    ctx.options = tuple(options[:6])  # beta ... chunk_size
+    ctx.want = tuple(options[6:])
+    ctx.hidden = (h_s.shape, h_s.dtype)
+    ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels, unit_h, stats)
+
+
+def _fused_linear_backward(ctx, grad_d, *_unused):
+    want_h, want_w, want_b = ctx.want
+    nones = (None,) * 13
+    if grad_d is None:
+        return (None, None, None, *nones)
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, unit_h, stats = ctx.saved_tensors
+    shape, dtype = ctx.hidden
+    grad_h = grad_w = grad_b = None
+    if want_h:
+        grad_h = unit_h.mul(grad_d.reshape(-1, 1).float()).to(dtype).view(shape)
+    if want_w or want_b:
+        gw, gb = fused_linear_bwd(
+            h_s, w_s, b_s, h_t, w_t, b_t, labels, stats, grad_d, *ctx.options, want_w, want_b
+        )
+        grad_w = gw if want_w else None
+        grad_b = gb if want_b else None
+    return (grad_h, grad_w, grad_b, *nones)
+
+
+fused_linear_fwd.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
+
+
+def fused_linear_op(
+    student: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    labels: torch.Tensor,
+    params: DivergenceParams,
+    backend: str,
+    chunk_size: int | None,
+    want: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d, ls[x], lt[x])`` of the fused-linear loss through the custom ops."""
+    d, ls_x, lt_x, _, _ = fused_linear_fwd(
+        *student,
+        *teacher,
+        labels,
+        params.beta,
+        params.temperature,
+        params.clip_value,
+        params.ignore_index,
+        backend,
+        chunk_size or 0,
+        *want,
+    )
+    return d, ls_x, lt_x

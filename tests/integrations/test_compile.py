@@ -154,3 +154,50 @@ def test_triton_kernels_under_inductor_on_gpu():
         return rk.renio_loss(s, t, labels, beta=0.5, token_clip=0.05, backend="triton")
 
     assert_parity(fn, s, t, labels, backend="inductor")
+
+
+HAS_FUSED = hasattr(rk, "fused_linear_renio_loss")
+LINEAR_CASES = {
+    "renio-bias": ({"beta": 0.5, "token_clip": 0.3, "threshold": 0.1}, (True, True, True)),
+    "plain-opd": ({"use_renio": False}, (True, True, False)),
+    "frozen-head": ({"beta": 1.0, "weight_norm": "clamp", "threshold": 0.1}, (True, False, False)),
+}
+
+
+@pytest.mark.skipif(not HAS_FUSED, reason="fused-linear loss not on this branch")
+@pytest.mark.parametrize("kw, grads", LINEAR_CASES.values(), ids=LINEAR_CASES.keys())
+def test_fused_linear_fullgraph(kw, grads):
+    g = torch.Generator().manual_seed(1)
+    batch, seq, hs_, ht_, vocab = 2, 5, 8, 12, 37
+    hs, ht = torch.randn(batch, seq, hs_, generator=g), torch.randn(batch, seq, ht_, generator=g)
+    ws, wt = torch.randn(vocab, hs_, generator=g), torch.randn(vocab + 3, ht_, generator=g)
+    bs = torch.randn(vocab, generator=g) * 0.1
+    _, _, labels = make_inputs(batch=batch, seq=seq, vocab=vocab)
+
+    def fn(h, w, b):
+        return rk.fused_linear_renio_loss(
+            h, w, ht, wt, labels, student_bias=b, backend="torch", chunk_size=3, **kw
+        )
+
+    def run(f):
+        xs = [x.clone().requires_grad_(r) for x, r in zip((hs, ws, bs), grads, strict=True)]
+        (f(*xs) * -1.7).backward()
+        return [x.grad for x in xs]
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(hs, ws, bs), fn(hs, ws, bs), rtol=1e-6, atol=1e-7)
+    for got, want in zip(run(compiled), run(fn), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_FUSED, reason="fused-linear loss not on this branch")
+def test_fused_linear_custom_op_opcheck():
+    g = torch.Generator().manual_seed(2)
+    hs, ht = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 5, generator=g)
+    ws, wt, bs = torch.randn(11, 6, generator=g), torch.randn(11, 5, generator=g), torch.randn(11)
+    _, _, labels = make_inputs(batch=2, seq=3, vocab=11)
+    args = (
+        hs.requires_grad_(), ws.requires_grad_(), bs.requires_grad_(), ht, wt, None, labels,
+        0.5, 1.0, 0.3, -100, "torch", 2, True, True, True,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.renio.fused_linear_fwd.default, args)
