@@ -55,6 +55,7 @@ def row_stats(
         params,
         ops,
         with_divergence,
+        torch.is_grad_enabled(),
     )
 
 
