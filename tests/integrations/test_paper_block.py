@@ -3,7 +3,7 @@
 ``paper_block`` is the block as an eager trainer writes it (materialized log-softmaxes, the
 per-element divergence, the clamp, the masks, the ReNIO weights), transcribed from SPEC.md with
 the paper's flag names and written independently of ``renio_kernels.reference``. The call that
-replaces it is the one docs/integrations.md shows.
+replaces it is the one README.md ("Use it in your trainer") shows.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def flags(**kw):
 
 
 def our_call(student_logits, teacher_logits, labels, args):
-    """The one call that replaces the block (docs/integrations.md)."""
+    """The one call that replaces the block (README.md ("Use it in your trainer"))."""
     return rk.renio_loss(
         student_logits,
         teacher_logits,
