@@ -66,10 +66,11 @@ from ._validation import (
     check_same_device,
 )
 from .backends import RowBackend, resolve_backend
-from .loss import params_from_options
+from .custom_ops import check_labels_async, fused_linear_op
+from .loss import call_options, params_from_options
 from .ops.linear_chunks import GradBuffers, LinearSide, chunk_bounds, plan_chunk_rows
 from .ops.params import DivergenceParams, RowStats
-from .weights import ReNIOOptions, reduce_renio
+from .weights import reduce_renio
 
 __all__ = ["fused_linear_renio_loss", "FusedLinearRowStatsFunction", "FusedLinearDirectFunction"]
 
@@ -420,7 +421,7 @@ def fused_linear_renio_loss(
     dtypes are fine (e.g. bf16 hidden states from autocast and an fp32 weight): the logits are
     always fp32, and autocast is switched off inside.
     """
-    opts = ReNIOOptions(
+    opts = call_options(
         beta=beta,
         temperature=temperature,
         token_clip=token_clip,
@@ -444,14 +445,31 @@ def fused_linear_renio_loss(
     s_args = (student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
     check_fused_linear_inputs(*s_args, b_s=student_bias, b_t=teacher_bias)
     vocab = student_weight.shape[0]
+    compiling = torch.compiler.is_compiling()
     if check_labels:
-        check_labels_in_range(labels, vocab, ignore_index)
+        check = check_labels_async if compiling else check_labels_in_range
+        check(labels, vocab, ignore_index)
     device = student_hidden.device
     grad_on = torch.is_grad_enabled()
     want = tuple(
         grad_on and x is not None and x.requires_grad
         for x in (student_hidden, student_weight, student_bias)
     )
+    if compiling:
+        # torch.compile: the same sweeps as single custom-op nodes (see custom_ops.py).
+        d, ls_x, lt_x = fused_linear_op(
+            (student_hidden, student_weight, student_bias),
+            tuple(
+                None if x is None else x.detach()
+                for x in (teacher_hidden, teacher_weight, teacher_bias)
+            ),
+            labels,
+            params_from_options(opts),
+            backend,
+            chunk_size,
+            want,
+        )
+        return reduce_renio(d, ls_x, lt_x, labels != ignore_index, opts, ema_state, return_stats)
     plan = SweepPlan(
         params=params_from_options(opts),
         backend=resolve_backend(backend, device),
