@@ -29,8 +29,10 @@ def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
 
     By default glibc raises the threshold after large frees, after which big tensors come from
     the heap and stay resident: RSS then depends on what ran before in the process (the same
-    call measured 186 to 402 MiB). Pinning it makes RSS follow live tensors. Returns False where
-    there is no glibc.
+    call measured 186 to 402 MiB). Pinning it makes RSS follow live tensors, but it stays pinned
+    for the rest of the process and every later large allocation is page-faulted afresh (several
+    times slower for allocation-heavy code): time things before measuring memory, or measure in
+    a fresh process. Returns False where there is no glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
