@@ -187,8 +187,8 @@ def run(cfg: TrainConfig) -> dict:
 def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     t_start = time.perf_counter()
     _quiet_transformers()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads or device.type == "cpu":
+        torch.set_num_threads(cfg.threads or 1)
     resume_ckpt = latest_checkpoint(Path(cfg.resume)) if cfg.resume else None
     if cfg.out is None:
         cfg.out = (
