@@ -102,3 +102,20 @@ def test_existing_run_dir_is_not_overwritten(tiny_models, tmp_path):
     with pytest.raises(FileExistsError, match="choose another --out, or continue it"):
         main(base_args(tiny_models, out))
     assert (out / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_optional_packages_missing(tiny_models, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        _fails(tiny_models, tmp_path, ValueError, r"needs the peft package", **{"lora-r": 4})
+    if importlib.util.find_spec("flash_attn") is None:
+        _fails(
+            tiny_models,
+            tmp_path,
+            ValueError,
+            "needs the flash-attn package",
+            **{"attn-implementation": "flash_attention_2"},
+        )
+    if importlib.util.find_spec("peft") and importlib.util.find_spec("flash_attn"):
+        pytest.skip("peft and flash-attn are both installed: nothing missing to report")
