@@ -28,8 +28,8 @@ __all__ = ["PRESETS", "main", "sft_batch"]
 
 # hidden, layers, heads, steps, learning rate
 PRESETS = {
-    "teacher": {"hidden": 128, "layers": 3, "heads": 4, "steps": 3000, "lr": 3e-3},
-    "student": {"hidden": 64, "layers": 2, "heads": 4, "steps": 800, "lr": 3e-3},
+    "teacher": {"hidden": 128, "layers": 3, "heads": 4, "steps": 2500, "lr": 3e-3},
+    "student": {"hidden": 64, "layers": 2, "heads": 4, "steps": 1000, "lr": 3e-3},
 }
 
 
