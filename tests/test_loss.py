@@ -262,3 +262,26 @@ def test_gpu_memory_flat_over_iterations():
         x.grad = None
         levels.append(torch.cuda.memory_allocated())
     assert levels[-1] == levels[10]
+
+
+def test_no_gradient_work_without_grad(monkeypatch):
+    """Under no_grad (or a frozen student) the forward neither sums C nor saves tensors."""
+    import renio_kernels.loss as loss_mod
+    from renio_kernels.backends import RowBackend, resolve_backend
+
+    calls = []
+    real = resolve_backend("torch", torch.device("cpu"))
+
+    def fwd(*args, **kwargs):
+        calls.append(kwargs["store_c"])
+        return real.fwd(*args, **kwargs)
+
+    spy = RowBackend("spy", fwd, real.bwd)
+    monkeypatch.setattr(loss_mod, "resolve_backend", lambda backend, device: spy)
+    s, t, labels = make_inputs()
+    x = s.clone().requires_grad_()
+    with torch.no_grad():
+        rk.renio_loss(x, t, labels)
+    rk.renio_loss(s, t, labels)
+    rk.renio_loss(x, t, labels).backward()
+    assert calls == [False, False, True]
