@@ -115,13 +115,13 @@ class TrainConfig:
     top_k: int = field(default=0, metadata={"help": "0: off"})
     max_new_tokens: int = 64
     # optimization
-    steps: int = 150
+    steps: int = 1000
     batch_size: int = field(default=32, metadata={"help": "prompts per micro-batch per rank"})
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 5e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, times --lr"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (GPU only)"})
     seed: int = 0
@@ -134,10 +134,10 @@ class TrainConfig:
         },
     )
     # evaluation, logging, checkpoints
-    eval_problems: int = 256
-    eval_every: int = field(default=0, metadata={"help": "also evaluate every N steps (0: off)"})
+    eval_problems: int = 512
+    eval_every: int = field(default=250, metadata={"help": "also evaluate every N steps (0: off)"})
     eval_batch_size: int = 128
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: end)"})
+    save_every: int = field(default=250, metadata={"help": "checkpoint every N steps (0: end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest N kept (0: all)"})
     tensorboard: bool = field(
         default=True, metadata={"help": "also log to TensorBoard if installed"}
