@@ -320,7 +320,6 @@ def _summary(cfg, records: list[dict], run_dir: Path, seconds: float) -> dict:
     evals = [r for r in records if r["kind"] == "eval"]
     train = [r for r in records if r["kind"] == "train"]
     aucs = [r["weight_auroc"] for r in train if r.get("weight_auroc") is not None]
-    pooled = [r["weight_auroc_pooled"] for r in train[-1:] if r.get("weight_auroc_pooled")]
     return {
         "run_dir": str(run_dir),
         "objective": cfg.objective,
@@ -331,7 +330,6 @@ def _summary(cfg, records: list[dict], run_dir: Path, seconds: float) -> dict:
         "eval_problems": cfg.eval_problems,
         "weight_auroc_mean": sum(aucs) / len(aucs) if aucs else None,
         "weight_auroc_batches": len(aucs),
-        "weight_auroc_last": pooled[0] if pooled else None,
         "train_correct_share_first10": _mean([r["correct_share"] for r in train[:10]]),
         "train_correct_share_last10": _mean([r["correct_share"] for r in train[-10:]]),
         "seconds": round(seconds, 1),
