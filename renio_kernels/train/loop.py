@@ -211,7 +211,8 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
         )
         cfg.loss_impl = "logits"
     if cfg.objective == "sampled-reverse-kl" and cfg.loss_impl == "fused-linear":
-        cfg.loss_impl = "logits"  # the sampled reverse KL has no fused-linear form yet
+        _log(info, "note: the sampled reverse KL has no fused-linear form; using the logits path")
+        cfg.loss_impl = "logits"
     loss_fn = DistillLoss(cfg, options)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
