@@ -1,0 +1,127 @@
+"""Checkpoints that resume bit-for-bit: model, optimizer, scheduler, loss state and every RNG.
+
+Layout: ``RUN/checkpoints/step-000050/{state.pt, rng-rank0.pt, ...}``. Rank 0 writes the shared
+state; each rank writes its own RNG (each rank samples different completions). A checkpoint is
+written to a temporary directory and renamed into place, so a crash never leaves a half one.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 (libraries use the legacy global)
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_state(model) -> dict:
+    """Only what training changes (all weights, or the LoRA adapters), so checkpoints of a
+    LoRA run stay small."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    rank: int,
+    world: int,
+    barrier,
+    model,
+    optimizer,
+    scheduler,
+    ema_state,
+    keep: int,
+) -> Path:
+    root = run_dir / "checkpoints"
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        torch.save(
+            {
+                "step": step,
+                "world_size": world,
+                "model": _trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "ema_state": ema_state.clone(),
+            },
+            tmp / "state.pt",
+        )
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if keep > 0:
+            for old in sorted(root.glob("step-*"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def latest_checkpoint(path: Path) -> Path:
+    """``path`` itself when it is a checkpoint, else the newest one of the run directory."""
+    path = Path(path)
+    if (path / "state.pt").is_file():
+        return path
+    found = sorted((path / "checkpoints").glob("step-*"))
+    found = [p for p in found if (p / "state.pt").is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"--resume {str(path)!r}: no checkpoint there (expected RUN/checkpoints/step-N/"
+            "state.pt); pass a run directory that saved one (--save-every) or a step-N directory"
+        )
+    return found[-1]
+
+
+def load_checkpoint(
+    ckpt: Path, *, rank: int, world: int, model, optimizer, scheduler, ema_state
+) -> tuple[int, dict]:
+    """Restore in place; returns the step and this rank's RNG state, to set right before the
+    loop (model loading and evaluation may draw random numbers in between)."""
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    if state["world_size"] != world:
+        raise ValueError(
+            f"checkpoint {str(ckpt)!r} was written by {state['world_size']} process(es); resume "
+            f"it with the same number (got {world}), or continuing would not be bit-for-bit"
+        )
+    missing = set(_trainable_state(model)) - set(state["model"])
+    if missing:
+        raise ValueError(
+            f"checkpoint {str(ckpt)!r} does not match this model (e.g. missing "
+            f"{sorted(missing)[:2]}); resume with the run's own config"
+        )
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ema_state.copy_(state["ema_state"])
+    rng = torch.load(ckpt / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False)
+    return state["step"], rng

@@ -1,0 +1,307 @@
+"""Every option of a training run: defaults, command-line flags and YAML/JSON config files.
+
+Precedence: defaults < ``--config FILE`` < flags given on the command line. The loss options
+carry SPEC.md's names and defaults. The resolved config is written to ``RUN/config.yaml``, which
+``--config`` reads back, so a run can be repeated from its own directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .models import ASSETS
+from .tasks import DEFAULT_PROMPT, DEFAULT_TEACHER_PROMPT
+
+__all__ = ["TrainConfig", "parse_config", "loss_options"]
+
+MODES = ("opd", "opsd")
+OBJECTIVES = ("renio", "opd", "sampled-reverse-kl")
+FILTERS = ("all", "correct", "incorrect")
+LOSS_IMPLS = ("fused-linear", "logits")
+
+
+@dataclass
+class TrainConfig:
+    # run
+    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<time>)"})
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "continue a run directory (its latest checkpoint) or a checkpoint directory"
+        },
+    )
+    compare: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated objectives run from the same start, e.g. renio,opd"},
+    )
+    mode: str = field(
+        default="opd",
+        metadata={
+            "choices": MODES,
+            "help": "opd: separate teacher; opsd: self-distillation, the teacher is "
+            "the frozen initial student that also sees the reference solution",
+        },
+    )
+    objective: str = field(
+        default="renio",
+        metadata={
+            "choices": OBJECTIVES,
+            "help": "renio; opd (= use_renio off); sampled-reverse-kl",
+        },
+    )
+    sgo_filter: str = field(
+        default="all",
+        metadata={
+            "choices": FILTERS,
+            "help": "train only on completions whose answer is right/wrong",
+        },
+    )
+    loss_impl: str = field(
+        default="fused-linear",
+        metadata={
+            "choices": LOSS_IMPLS,
+            "help": "fused-linear: hidden states + lm_head weights (never the "
+            "full logits); logits: the model's logits",
+        },
+    )
+    backend: str = field(default="auto", metadata={"help": "loss backend: auto|triton|torch|cpu"})
+    # models and data
+    student: str = str(ASSETS / "student")
+    teacher: str = str(ASSETS / "teacher")
+    data: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' or a JSONL file with problem/solution/answer per line"},
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL of held-out problems (default: the synthetic held-out pool, or the last "
+            "--eval-problems records of --data, which are then not trained on)"
+        },
+    )
+    prompt_template: str = DEFAULT_PROMPT
+    teacher_prompt_template: str = field(
+        default=DEFAULT_TEACHER_PROMPT,
+        metadata={"help": "the teacher's prompt in --mode opsd ({problem}, {solution}, {answer})"},
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (flash_attention_2 with flash-attn on a GPU, else sdpa), sdpa, eager, ..."
+        },
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning; needs peft)"})
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    # loss (SPEC.md names and defaults)
+    beta: float = 0.0
+    temperature: float = 1.0
+    token_clip: float | None = None
+    use_renio: bool | None = field(
+        default=None, metadata={"help": "default: from --objective (renio: on, opd: off)"}
+    )
+    ratio_clip: float | None = 2.5
+    threshold: float = 0.8
+    weight_temperature: float = 1.0
+    weight_norm: str = "batch_mean"
+    ignore_index: int = -100
+    # sampling
+    sample_temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = field(default=0, metadata={"help": "0: off"})
+    max_new_tokens: int = 64
+    # optimization
+    steps: int = 1000
+    batch_size: int = field(default=32, metadata={"help": "prompts per micro-batch per rank"})
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, times --lr"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (GPU only)"})
+    seed: int = 0
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch CPU threads; default 1 on CPU: the tiny models' ops are too small to "
+            "split, and on a busy machine extra threads spin-wait (measured 50x slower sampling)"
+        },
+    )
+    # evaluation, logging, checkpoints
+    eval_problems: int = 512
+    eval_every: int = field(default=250, metadata={"help": "also evaluate every N steps (0: off)"})
+    eval_batch_size: int = 128
+    save_every: int = field(default=250, metadata={"help": "checkpoint every N steps (0: end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest N kept (0: all)"})
+    tensorboard: bool = field(
+        default=True, metadata={"help": "also log to TensorBoard if installed"}
+    )
+    plots: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name, allowed in (
+            ("mode", MODES),
+            ("objective", OBJECTIVES),
+            ("sgo_filter", FILTERS),
+            ("loss_impl", LOSS_IMPLS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be one of {allowed}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("eval_problems", "eval_every", "save_every", "warmup_steps", "lora_r"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.objective == "renio" and self.use_renio is False:
+            raise ValueError(
+                "--objective renio with --use-renio false is plain OPD: use --objective opd"
+            )
+        if self.objective == "opd" and self.use_renio:
+            raise ValueError("--objective opd turns ReNIO off; use --objective renio instead")
+        from renio_kernels import ReNIOOptions
+
+        opts = loss_options(self)
+        opts.pop("backend")
+        ReNIOOptions(**opts)  # the loss's own checks, before any run directory exists
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.sample_temperature <= 0:
+            raise ValueError("--sample-temperature must be > 0")
+        if self.compare:
+            names = self.compare_objectives()
+            bad = [n for n in names if n not in OBJECTIVES]
+            if bad or len(names) < 2:
+                raise ValueError(
+                    f"--compare takes two or more of {OBJECTIVES} separated by "
+                    f"commas, got {self.compare!r}"
+                )
+
+    def compare_objectives(self) -> list[str]:
+        return [n.strip() for n in (self.compare or "").split(",") if n.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def loss_options(cfg: TrainConfig) -> dict:
+    """Keyword arguments of ``renio_loss`` / ``fused_linear_renio_loss``."""
+    return {
+        "beta": cfg.beta,
+        "temperature": cfg.temperature,
+        "token_clip": cfg.token_clip,
+        "use_renio": cfg.objective == "renio",
+        "ratio_clip": cfg.ratio_clip,
+        "threshold": cfg.threshold,
+        "weight_temperature": cfg.weight_temperature,
+        "weight_norm": cfg.weight_norm,
+        "ignore_index": cfg.ignore_index,
+        "backend": cfg.backend,
+    }
+
+
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if str(text).lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_FIELD_TYPES = {
+    "str": str,
+    "str | None": _optional(str),
+    "int": int,
+    "int | None": _optional(int),
+    "float": float,
+    "float | None": _optional(float),
+    "bool": _bool,
+    "bool | None": _optional(_bool),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="renio-train",
+        description="On-policy distillation with the ReNIO loss. `renio-train sft --help` for "
+        "the supervised subcommand that makes the shipped models.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", help="YAML or JSON file with the same keys as the flags")
+    for f in dataclasses.fields(TrainConfig):
+        kind = _FIELD_TYPES[str(f.type)]
+        help_text = f.metadata.get("help", "")
+        default = f.default
+        help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=kind,
+            dest=f.name,
+            choices=f.metadata.get("choices"),
+            help=help_text,
+            metavar=None if "choices" in f.metadata else f.name.upper(),
+        )
+    return p
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml and json raise different types; both mean a malformed file
+        raise ValueError(f"config file {str(path)!r} is malformed: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(
+                f"config file {str(path)!r}: unknown key {key!r}; the keys are the "
+                f"flag names, e.g. {sorted(known)[:6]}..."
+            )
+        out[name] = value
+    return out
+
+
+def parse_config(argv: list[str] | None) -> TrainConfig:
+    """Defaults, then the config file, then the flags given on the command line."""
+    ns = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    config_path = ns.pop("config", None)
+    if config_path:
+        values.update(read_config_file(config_path))
+    values.update(ns)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg

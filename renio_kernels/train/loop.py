@@ -1,0 +1,555 @@
+"""``renio-train``: the on-policy distillation loop.
+
+Per optimizer step and micro-batch: take prompts -> the student samples completions -> the
+answers are checked -> (optionally) only correct or incorrect ones are kept -> student and
+teacher run over prompt + completion -> the ReNIO loss on the completion positions -> backward.
+Then the gradients are all-reduced across ranks, clipped, and AdamW steps under warmup + cosine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import TrainConfig, loss_options, parse_config, read_config_file
+from .dist import DistInfo, all_gather_objects, allreduce_grads, init_distributed, shutdown
+from .distill import DistillLoss, check_fused_consistency, fused_available
+from .evaluate import evaluate
+from .generation import encode_prompts, sample
+from .metrics import MetricsWriter, auroc, peak_memory_mb, read_metrics
+from .models import (
+    check_vocab_compatible,
+    load_model,
+    load_tokenizer,
+    resolve_attn_implementation,
+)
+from .tasks import TrainStream, eval_pool, format_prompt, is_correct, load_jsonl
+
+__all__ = ["main", "run"]
+
+
+def _log(info: DistInfo, *msg) -> None:
+    if info.main:
+        print(*msg, flush=True)
+
+
+def _load_data(cfg: TrainConfig):
+    """Training stream and held-out problems; every data error surfaces before the run dir."""
+    if cfg.data == "synthetic":
+        train_records = None
+        held_out = load_jsonl(cfg.eval_data) if cfg.eval_data else eval_pool()
+    else:
+        records = load_jsonl(cfg.data)
+        if cfg.eval_data:
+            train_records, held_out = records, load_jsonl(cfg.eval_data)
+        else:
+            if len(records) <= cfg.eval_problems:
+                raise ValueError(
+                    f"{cfg.data} has {len(records)} records, not more than --eval-problems "
+                    f"{cfg.eval_problems} held out for evaluation: pass --eval-data FILE, or a "
+                    "smaller --eval-problems"
+                )
+            cut = len(records) - cfg.eval_problems
+            train_records, held_out = records[:cut], records[cut:]
+    return TrainStream(cfg.seed, train_records), held_out[: cfg.eval_problems]
+
+
+def _lora(model, cfg: TrainConfig):
+    try:
+        import peft
+    except ImportError:
+        raise ValueError(
+            "--lora-r needs the peft package (pip install peft), or use "
+            "--lora-r 0 for full fine-tuning"
+        ) from None
+    config = peft.LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _load_models(cfg: TrainConfig, device: torch.device):
+    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    tokenizer = load_tokenizer(cfg.student, "student")
+    student = load_model(cfg.student, "student", attn).to(device)
+    if cfg.mode == "opsd":
+        teacher = copy.deepcopy(student)
+    else:
+        teacher_tok = load_tokenizer(cfg.teacher, "teacher")
+        teacher = load_model(cfg.teacher, "teacher", attn).to(device)
+        check_vocab_compatible(
+            tokenizer,
+            teacher_tok,
+            student.get_output_embeddings().weight.shape[0],
+            teacher.get_output_embeddings().weight.shape[0],
+        )
+    teacher.eval().requires_grad_(False)
+    if cfg.loss_impl == "fused-linear":
+        check_fused_consistency(student, "student", len(tokenizer))
+        check_fused_consistency(teacher, "teacher", len(tokenizer))
+    if cfg.lora_r > 0:
+        student = _lora(student, cfg)
+    student.train()
+    return tokenizer, student, teacher
+
+
+def _make_run_dir(cfg: TrainConfig, info: DistInfo, resuming: bool) -> Path:
+    run_dir = Path(cfg.out)
+    if not resuming and run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"run directory {str(run_dir)!r} exists and is not empty: choose another --out, "
+            f"or continue it with --resume {run_dir}"
+        )
+    info.barrier()  # every rank has checked before rank 0 creates it
+    if info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "COMPLETE").unlink(missing_ok=True)
+        import yaml
+
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    info.barrier()
+    return run_dir
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _keep_index(correct: list[bool], sgo_filter: str) -> list[int]:
+    if sgo_filter == "correct":
+        return [i for i, c in enumerate(correct) if c]
+    if sgo_filter == "incorrect":
+        return [i for i, c in enumerate(correct) if not c]
+    return list(range(len(correct)))
+
+
+def _weight_scores(stats: dict, cfg: TrainConfig) -> list[float]:
+    """The ReNIO weights, or with ReNIO off the weights it would have given (for the AUROC)."""
+    if cfg.objective == "renio":
+        return stats["weights"].double().tolist()
+    sel = stats["selected"]
+    rbar = (stats["log_ratio"].double() * sel).sum(-1) / sel.sum(-1).clamp(min=1)
+    return torch.exp(rbar / cfg.weight_temperature).tolist()
+
+
+def _run_eval(student, tokenizer, problems, cfg, info: DistInfo) -> float:
+    """Greedy held-out accuracy (each rank scores a slice; the counts are summed)."""
+    part = problems[info.rank :: info.world]
+    result = evaluate(
+        student,
+        tokenizer,
+        part,
+        cfg.prompt_template,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.eval_batch_size,
+    )
+    counts = all_gather_objects((sum(result["correct"]), result["n"]), info)
+    return sum(c for c, _ in counts) / max(1, sum(n for _, n in counts))
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def run(cfg: TrainConfig) -> dict:
+    """One training run; returns its summary (also written to RUN/summary.json)."""
+    info, device = init_distributed(cfg.device)
+    try:
+        return _run(cfg, info, device)
+    finally:
+        shutdown(info)
+
+
+def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
+    t_start = time.perf_counter()
+    _quiet_transformers()
+    if cfg.threads or device.type == "cpu":
+        torch.set_num_threads(cfg.threads or 1)
+    resume_ckpt = latest_checkpoint(Path(cfg.resume)) if cfg.resume else None
+    if cfg.out is None:
+        cfg.out = (
+            str(resume_ckpt.parent.parent)
+            if resume_ckpt
+            else f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.objective}"
+        )
+    seed = cfg.seed + 1000 * info.rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (what libraries draw from)
+    torch.manual_seed(seed)
+    stream, held_out = _load_data(cfg)
+    tokenizer, student, teacher = _load_models(cfg, device)
+    options = loss_options(cfg)
+    if cfg.loss_impl == "fused-linear" and not fused_available():
+        _log(
+            info,
+            "note: renio_kernels.fused_linear_renio_loss is not in this build; "
+            "using --loss-impl logits",
+        )
+        cfg.loss_impl = "logits"
+    if cfg.objective == "sampled-reverse-kl" and cfg.loss_impl == "fused-linear":
+        _log(info, "note: the sampled reverse KL has no fused-linear form; using the logits path")
+        cfg.loss_impl = "logits"
+    loss_fn = DistillLoss(cfg, options)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    run_dir = _make_run_dir(cfg, info, resuming=resume_ckpt is not None)
+    writer = MetricsWriter(run_dir, cfg.tensorboard) if info.main else None
+
+    start_step = 0
+    if resume_ckpt is not None:
+        start_step, rng = load_checkpoint(
+            resume_ckpt,
+            rank=info.rank,
+            world=info.world,
+            model=student,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            ema_state=loss_fn.ema_state,
+        )
+        if writer:
+            writer.truncate_after(start_step)
+        _log(info, f"resumed from {resume_ckpt} at step {start_step}")
+    if start_step == 0 and cfg.eval_problems > 0:
+        acc = _run_eval(student, tokenizer, held_out, cfg, info)
+        _log(info, f"held-out accuracy before: {acc:.3f} ({len(held_out)} problems, greedy)")
+        if writer:
+            writer.write({"kind": "eval", "step": 0, "eval_accuracy": acc})
+    if resume_ckpt is not None:
+        set_rng_state(rng)  # last, so nothing above shifts the random stream
+
+    progress = None
+    if info.main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(
+            total=cfg.steps, initial=start_step, desc="distill", file=sys.stderr, dynamic_ncols=True
+        )
+    for step in range(start_step + 1, cfg.steps + 1):
+        record = _train_step(
+            cfg,
+            step,
+            stream,
+            tokenizer,
+            student,
+            teacher,
+            loss_fn,
+            params,
+            optimizer,
+            scheduler,
+            info,
+            device,
+        )
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            acc = _run_eval(student, tokenizer, held_out, cfg, info)
+            if writer:
+                writer.write({"kind": "eval", "step": step, "eval_accuracy": acc})
+        if writer:
+            writer.write(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                acc=f"{record['correct_share']:.2f}",
+                tok_s=f"{record['train_tokens_per_s']:.0f}",
+            )
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            save_checkpoint(
+                run_dir,
+                step,
+                rank=info.rank,
+                world=info.world,
+                barrier=info.barrier,
+                model=student,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                ema_state=loss_fn.ema_state,
+                keep=cfg.keep_checkpoints,
+            )
+    if progress is not None:
+        progress.close()
+
+    acc_after = None
+    if cfg.eval_problems > 0:
+        acc_after = _run_eval(student, tokenizer, held_out, cfg, info)
+        if writer:
+            writer.write({"kind": "eval", "step": cfg.steps, "eval_accuracy": acc_after})
+    summary = {}
+    if info.main:
+        final = run_dir / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        student.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        writer.close()
+        records = read_metrics(writer.path)
+        summary = _summary(cfg, records, run_dir, time.perf_counter() - t_start)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if cfg.plots:
+            from .plots import make_plots
+
+            make_plots(run_dir, records)
+        (run_dir / "COMPLETE").write_text(datetime.now().isoformat() + "\n")
+    info.barrier()
+    return summary
+
+
+def _summary(cfg, records: list[dict], run_dir: Path, seconds: float) -> dict:
+    evals = [r for r in records if r["kind"] == "eval"]
+    train = [r for r in records if r["kind"] == "train"]
+    aucs = [r["weight_auroc"] for r in train if r.get("weight_auroc") is not None]
+    return {
+        "run_dir": str(run_dir),
+        "objective": cfg.objective,
+        "mode": cfg.mode,
+        "steps": cfg.steps,
+        "accuracy_before": evals[0]["eval_accuracy"] if evals and evals[0]["step"] == 0 else None,
+        "accuracy_after": evals[-1]["eval_accuracy"] if evals else None,
+        "eval_problems": cfg.eval_problems,
+        "weight_auroc_mean": sum(aucs) / len(aucs) if aucs else None,
+        "weight_auroc_batches": len(aucs),
+        "train_correct_share_first10": _mean([r["correct_share"] for r in train[:10]]),
+        "train_correct_share_last10": _mean([r["correct_share"] for r in train[-10:]]),
+        "seconds": round(seconds, 1),
+    }
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def _train_step(
+    cfg,
+    step,
+    stream,
+    tokenizer,
+    student,
+    teacher,
+    loss_fn,
+    params,
+    optimizer,
+    scheduler,
+    info: DistInfo,
+    device,
+) -> dict:
+    gen_time = train_time = 0.0
+    gen_tokens = train_tokens = 0
+    losses, correct_all, scores, score_correct = [], [], [], []
+    n_trained = 0
+    sums = {
+        "divergence": 0.0,
+        "w_min": math.inf,
+        "w_max": -math.inf,
+        "w_sum": 0.0,
+        "n_seq": 0,
+        "selected": 0.0,
+        "valid": 0.0,
+        "log_ratio": 0.0,
+    }
+    for micro in range(cfg.grad_accum):
+        base = (((step - 1) * cfg.grad_accum + micro) * info.world + info.rank) * cfg.batch_size
+        problems = [stream[base + i] for i in range(cfg.batch_size)]
+        t0 = time.perf_counter()
+        rollout = sample(
+            student,
+            tokenizer,
+            [format_prompt(cfg.prompt_template, p) for p in problems],
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=True,
+            temperature=cfg.sample_temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+        )
+        gen_time += time.perf_counter() - t0
+        gen_tokens += int(rollout.completion_mask.sum())
+        correct = [is_correct(t, p["answer"]) for t, p in zip(rollout.texts, problems, strict=True)]
+        correct_all += correct
+        keep = _keep_index(correct, cfg.sgo_filter)
+        teacher_prompt = None
+        if cfg.mode == "opsd":
+            teacher_prompt = encode_prompts(
+                tokenizer, [format_prompt(cfg.teacher_prompt_template, p) for p in problems], device
+            )
+        # An empty selection still runs forward/backward (times 0) so the ranks stay in step.
+        sel = keep if keep else list(range(len(correct)))
+        if len(sel) < len(correct):
+            rollout = rollout.select(sel)
+            if teacher_prompt is not None:
+                idx = torch.tensor(sel, device=device)
+                teacher_prompt = (teacher_prompt[0][idx], teacher_prompt[1][idx])
+        t0 = time.perf_counter()
+        with _autocast(cfg, device):
+            loss, stats = loss_fn(student, teacher, rollout, teacher_prompt)
+        scale = (1.0 if keep else 0.0) / cfg.grad_accum
+        (loss * scale).backward()
+        train_time += time.perf_counter() - t0
+        train_tokens += int(rollout.prompt_mask.sum() + rollout.completion_mask.sum())
+        if not keep:
+            continue
+        n_trained += len(keep)
+        losses.append(float(loss.detach()))
+        if stats is not None:
+            w = stats["weights"].float()
+            mask = rollout.completion_mask.bool()
+            sums["divergence"] += float(stats["divergence"].sum())
+            sums["w_min"] = min(sums["w_min"], float(w.min()))
+            sums["w_max"] = max(sums["w_max"], float(w.max()))
+            sums["w_sum"] += float(w.sum())
+            sums["n_seq"] += len(sel)
+            sums["selected"] += float((stats["selected"] & mask).sum())
+            sums["valid"] += float(mask.sum())
+            sums["log_ratio"] += float((stats["log_ratio"] * mask).sum())
+            scores += _weight_scores(stats, cfg)
+            score_correct += [correct[i] for i in sel]
+    t0 = time.perf_counter()
+    allreduce_grads(params, info)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    train_time += time.perf_counter() - t0
+
+    gathered = all_gather_objects(
+        (
+            losses,
+            correct_all,
+            scores,
+            score_correct,
+            sums,
+            gen_tokens,
+            gen_time,
+            train_tokens,
+            train_time,
+            n_trained,
+        ),
+        info,
+    )
+    losses = [x for g in gathered for x in g[0]]
+    correct_all = [x for g in gathered for x in g[1]]
+    scores = [x for g in gathered for x in g[2]]
+    score_correct = [x for g in gathered for x in g[3]]
+    tot = {
+        k: sum(g[4][k] for g in gathered)
+        for k in ("divergence", "w_sum", "n_seq", "selected", "valid", "log_ratio")
+    }
+    w_min = min(g[4]["w_min"] for g in gathered)
+    w_max = max(g[4]["w_max"] for g in gathered)
+    n_seq = max(1, tot["n_seq"])
+    incorrect = [not c for c in score_correct]
+    w_c = [s for s, c in zip(scores, score_correct, strict=True) if c]
+    w_i = [s for s, c in zip(scores, score_correct, strict=True) if not c]
+    record = {
+        "kind": "train",
+        "step": step,
+        "loss": _mean(losses) if losses else 0.0,
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "divergence_mean": tot["divergence"] / n_seq if tot["n_seq"] else None,
+        "weight_mean": tot["w_sum"] / n_seq if tot["n_seq"] else None,
+        "weight_min": w_min if math.isfinite(w_min) else None,
+        "weight_max": w_max if math.isfinite(w_max) else None,
+        "selected_fraction": tot["selected"] / tot["valid"] if tot["valid"] else None,
+        "log_ratio_mean": tot["log_ratio"] / tot["valid"] if tot["valid"] else None,
+        "correct_share": sum(correct_all) / max(1, len(correct_all)),
+        "sgos_trained": sum(g[9] for g in gathered),
+        "weight_auroc": auroc(scores, incorrect),
+        "weight_mean_correct": _mean(w_c),
+        "weight_mean_incorrect": _mean(w_i),
+        "gen_tokens_per_s": sum(g[5] for g in gathered) / max(1e-9, max(g[6] for g in gathered)),
+        "train_tokens_per_s": sum(g[7] for g in gathered) / max(1e-9, max(g[8] for g in gathered)),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    return record
+
+
+def _compare(cfg: TrainConfig) -> dict:
+    """Run each objective from the same start (same seed, data, models); print side by side."""
+    base_out = Path(cfg.out or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}-compare")
+    results = {}
+    for objective in cfg.compare_objectives():
+        sub = copy.deepcopy(cfg)
+        sub.compare, sub.objective, sub.out = None, objective, str(base_out / objective)
+        sub.use_renio = None
+        results[objective] = run(sub)
+    if results and all(results.values()):
+        rows = [("objective", "acc before", "acc after", "weight AUROC", "seconds")]
+        for name, s in results.items():
+            rows.append(
+                (
+                    name,
+                    _fmt(s["accuracy_before"]),
+                    _fmt(s["accuracy_after"]),
+                    _fmt(s["weight_auroc_mean"]),
+                    f"{s['seconds']:.0f}",
+                )
+            )
+        print("\n".join("  ".join(f"{c:>13}" for c in row) for row in rows))
+        (base_out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(argv)
+    if cfg.resume and cfg.compare:
+        raise ValueError(
+            "--resume continues one run; resume each of a --compare's runs "
+            "separately (RUN/<objective>)"
+        )
+    if cfg.resume:
+        saved = Path(cfg.resume)
+        run_dir = saved if (saved / "config.yaml").is_file() else saved.parent.parent
+        if (run_dir / "config.yaml").is_file():
+            given = {k: v for k, v in vars(cfg).items() if v != getattr(TrainConfig(), k)}
+            merged = {**read_config_file(run_dir / "config.yaml"), **given}
+            merged["out"] = given.get("out", str(run_dir))  # continue in place by default
+            cfg = TrainConfig(**merged)
+            cfg.validate()
+    if cfg.compare:
+        return _compare(cfg)
+    summary = run(cfg)
+    if summary:
+        print(
+            f"accuracy before: {_fmt(summary['accuracy_before'])}  after: "
+            f"{_fmt(summary['accuracy_after'])}  ({summary['eval_problems']} held-out problems, "
+            f"greedy)"
+        )
+        print(
+            f"mean weight AUROC (incorrect vs correct SGOs): {_fmt(summary['weight_auroc_mean'])}"
+            f" over {summary['weight_auroc_batches']} batches; {summary['seconds']:.0f}s"
+        )
+        print(f"run directory: {summary['run_dir']}")
+    return summary
+
+
+def _quiet_transformers() -> None:
+    """Per-file weight-loading progress bars would drown the run's own progress line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

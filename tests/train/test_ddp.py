@@ -1,0 +1,36 @@
+"""Two processes under torchrun on CPU (gloo): each samples its own batch, gradients averaged."""
+
+import os
+import subprocess
+import sys
+
+from renio_kernels.train.metrics import read_metrics
+from tests.train.conftest import base_args
+
+
+def test_two_process_ddp(tiny_models, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "renio_kernels.train",
+        *base_args(tiny_models, out, **{"save-every": 2}),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "COMPLETE").is_file()
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000002").iterdir()) == [
+        "rng-rank0.pt",
+        "rng-rank1.pt",
+        "state.pt",
+    ]
+    train = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(train) == 2
+    assert all(r["sgos_trained"] == 8 for r in train)  # 4 prompts on each of 2 ranks
+    assert "run directory:" in proc.stdout
