@@ -25,11 +25,13 @@ shared with other engineers, so wall times carry their load.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,64 @@ CONFIGS = [
 QUICK = [Config("fp32, V=4096 (quick)", 2, 32, 4096, torch.float32)]
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def malloc_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not taken back (heap + mmapped), or None."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def malloc_peak_extra(fn) -> int | None:
+    """Peak of malloc's in-use bytes above the start while ``fn()`` runs.
+
+    Unlike resident memory (``peak_extra_bytes``), this does not miss an allocation that reuses
+    pages glibc already holds, which makes the RSS figure read 0 for mid-sized gradients here.
+    """
+    if malloc_in_use() is None:
+        return None
+    gc.collect()
+    base = peak = malloc_in_use()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, malloc_in_use())
+            time.sleep(5e-4)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+        peak = max(peak, malloc_in_use())
+    finally:
+        done.set()
+        thread.join()
+    return peak - base
+
+
 def make_inputs(c: Config, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     s = torch.empty(c.batch, c.seq, c.vocab, dtype=c.dtype)
@@ -110,20 +170,35 @@ def best_s(fn, reps: int) -> float:
 
 
 def bandwidths() -> tuple[float, float]:
-    """(copy, read) bytes per second on 256 MiB buffers, 8x the L3."""
+    """(copy, read) bytes per second on 256 MiB buffers, 8x the L3, with the kernel's threads."""
     src = torch.ones(1 << 26)
     dst = torch.empty_like(src)
-    copy = 2 * src.nbytes / best_s(lambda: dst.copy_(src), 10)
-    return copy, src.nbytes / best_s(lambda: src.sum(), 10)
+    copy = 2 * src.nbytes / best_s(lambda: dst.copy_(src), 30)
+    return copy, src.nbytes / best_s(lambda: src.sum(), 30)
+
+
+def exp_rates() -> tuple[float, float]:
+    """(torch.exp, the kernel's vexp) exps per second: one core's best short run times the
+    threads (exp is compute-bound per core; a short single-thread run is the least likely to be
+    interrupted by the neighbours), or the multi-threaded best if that is higher."""
+    threads = torch.get_num_threads()
+    x = torch.rand(1 << 14) * -20  # 64 KiB: L1/L2-resident, below torch's parallel grain
+    y = torch.empty_like(x)
+    vexp = torch.ops.renio_kernels_cpu.exp_throughput
+    try:
+        torch.set_num_threads(1)
+        torch_one = x.numel() / best_s(lambda: torch.exp(x, out=y), 500)
+        ours_one = max(vexp(2000) for _ in range(30))
+    finally:
+        torch.set_num_threads(threads)
+    ours_all = max(vexp(2000) for _ in range(30))
+    return torch_one * threads, max(ours_one * threads, ours_all)
 
 
 def ceilings() -> dict[str, float]:
-    """The machine's ceilings: the best of several runs, since neighbours only slow a run."""
+    """The machine's ceilings: the best of many runs, since neighbours only slow a run down."""
     copy, read = bandwidths()
-    x = torch.rand(1 << 16) * -20  # 256 KiB, L2-resident
-    y = torch.empty_like(x)
-    torch_exp = x.numel() / best_s(lambda: torch.exp(x, out=y), 200)
-    ours_exp = max(torch.ops.renio_kernels_cpu.exp_throughput(4000) for _ in range(10))
+    torch_exp, ours_exp = exp_rates()
     return {
         "copy_GBps": copy / 1e9,
         "read_GBps": read / 1e9,
@@ -147,10 +222,11 @@ def bench_config(c: Config, repeats: int, ref_repeats: int) -> dict:
     s, t, labels = make_inputs(c)
     s.requires_grad_()
 
-    def ours():
+    def ours(keep_grad: bool = False):
         s.grad = None
         renio_kernels.renio_loss(s, t, labels, token_clip=TOKEN_CLIP, backend="cpu").backward()
-        s.grad = None
+        if not keep_grad:
+            s.grad = None
 
     # The reference materializes ~7 logits-sized temporaries; chunk by whole sequences.
     per_seq = c.seq * c.vocab * max(c.elt, 4) * 8
@@ -171,9 +247,15 @@ def bench_config(c: Config, repeats: int, ref_repeats: int) -> dict:
             del sb, loss
 
     ours_wall, ours_cpu = timed(ours, repeats)
-    ours_mem = peak_extra_bytes(ours)
+    # The gradient stays alive until the sampler's last look (a short run can fall between two
+    # RSS samples on a loaded machine); the figure is the gradient plus whatever else peaked.
+    ours_mem = peak_extra_bytes(lambda: ours(keep_grad=True))
+    s.grad = None
+    ours_malloc = malloc_peak_extra(lambda: ours(keep_grad=True))
+    s.grad = None
     ref_wall, ref_cpu = timed(ref, ref_repeats)
     ref_mem = peak_extra_bytes(ref)
+    ref_malloc = malloc_peak_extra(ref)
     agree = None
     if ref_loss is not None:
         mine = renio_kernels.renio_loss(s.detach(), t, labels, token_clip=TOKEN_CLIP, backend="cpu")
@@ -181,6 +263,9 @@ def bench_config(c: Config, repeats: int, ref_repeats: int) -> dict:
     logits = c.n * c.elt
     return {
         "ours_s": statistics.median(ours_wall),
+        # Process CPU seconds over threads: what the run would take with the cores to itself
+        # (it counts page-fault time and OpenMP spinning, not time spent descheduled).
+        "ours_cpu_s": statistics.median(ours_cpu) / torch.get_num_threads(),
         "ours_cpu_share": statistics.median(
             cp / (w * torch.get_num_threads()) for w, cp in zip(ours_wall, ours_cpu, strict=True)
         ),
@@ -190,6 +275,8 @@ def bench_config(c: Config, repeats: int, ref_repeats: int) -> dict:
         ),
         "ours_mem_x": ours_mem / logits,
         "ref_mem_x": ref_mem / (logits * chunk / c.batch),
+        "ours_malloc_x": None if ours_malloc is None else ours_malloc / logits,
+        "ref_malloc_x": None if ref_malloc is None else ref_malloc / (logits * chunk / c.batch),
         "ref_chunk_rows": chunk * c.seq,
         "loss_rel_diff": agree,
         "ours_all_s": ours_wall,
@@ -248,8 +335,18 @@ def fmt_row(x: dict) -> str:
         f"ours {x['ours_s'] * 1e3:.0f} ms, reference {x['ref_s']:.2f} s "
         f"({x['ref_s'] / x['ours_s']:.1f}x), floor {f['strict'] * 1e3:.1f} ms "
         f"({x['ours_s'] / f['strict']:.2f}x; 5Ns floor {x['ours_s'] / f['two_pass']:.2f}x), "
-        f"memory {x['ours_mem_x']:.2f}x (reference {x['ref_mem_x']:.1f}x)"
+        f"memory {_x(x['ours_malloc_x'])} malloc / {x['ours_mem_x']:.2f}x RSS "
+        f"(reference {_x(x['ref_malloc_x'])} / {x['ref_mem_x']:.1f}x)"
     )
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def _med_x(xs: list[dict], key: str) -> str:
+    vals = [x[key] for x in xs if x[key] is not None]
+    return _x(statistics.median(vals) if vals else None)
 
 
 def render(rounds: list[dict], configs: list[Config], args) -> str:
@@ -270,8 +367,9 @@ def render(rounds: list[dict], configs: list[Config], args) -> str:
         "## Summary (median over rounds of each round's median)",
         "",
         "| config | ours | reference | speed-up | floor (3Ns) | ours / floor | ours / 5Ns floor "
-        "| extra peak memory (x logits) | reference memory (x) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ours, CPU s / threads | that / floor | extra peak memory, malloc (RSS) "
+        "| reference memory, malloc (RSS) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in configs:
         xs = [r["res"][c.name] for r in rounds]
@@ -281,10 +379,14 @@ def render(rounds: list[dict], configs: list[Config], args) -> str:
         strict = med(x["floor"]["strict"] for x in xs)
         vs_strict = med(x["ours_s"] / x["floor"]["strict"] for x in xs)
         vs_two = med(x["ours_s"] / x["floor"]["two_pass"] for x in xs)
+        cpu_s = med(x["ours_cpu_s"] for x in xs)
+        cpu_vs = med(x["ours_cpu_s"] / x["floor"]["strict"] for x in xs)
         out.append(
             f"| {c.name} | {ours * 1e3:.0f} ms | {ref:.2f} s | {speedup:.1f}x "
             f"| {strict * 1e3:.1f} ms | {vs_strict:.2f}x | {vs_two:.2f}x "
-            f"| {med(x['ours_mem_x'] for x in xs):.2f} | {med(x['ref_mem_x'] for x in xs):.1f} |"
+            f"| {cpu_s * 1e3:.0f} ms | {cpu_vs:.2f}x "
+            f"| {_med_x(xs, 'ours_malloc_x')} ({med(x['ours_mem_x'] for x in xs):.2f}x) "
+            f"| {_med_x(xs, 'ref_malloc_x')} ({med(x['ref_mem_x'] for x in xs):.1f}x) |"
         )
     out += ["", "## Per round", ""]
     for i, r in enumerate(rounds):

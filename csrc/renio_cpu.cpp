@@ -15,8 +15,9 @@
 // reads both again and writes the gradient. Ignored rows skip the sweeps and write zeros; every
 // output element is written here, never assumed pre-zeroed. Rows are addressed as
 // b * stride_b + t * stride_t in int64, so views such as logits[:, :-1] are read in place.
-// Rows are split over at::parallel_for, i.e. torch.get_num_threads() threads; a row's sums always
-// run in the same order on one thread, so results do not depend on the thread count.
+// Rows are handed out to at::parallel_for's torch.get_num_threads() threads (for_each_row); a
+// row's sums always run in the same order on one thread, so results do not depend on the thread
+// count.
 #include "renio_cpu_math.h"
 
 #include <ATen/Parallel.h>

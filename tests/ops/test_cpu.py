@@ -20,14 +20,16 @@ from tests.helpers import GRAD_RTOL, LOSS_RTOL, make_inputs, ref_loss_and_grad, 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ext():
-    if cpu.load_extension() is None:
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail(
-                f"a compiler is present but the extension did not build: {cpu.extension_error()}"
-            )
-        pytest.skip(f"no C++ compiler here; the fallback is tested below ({cpu.extension_error()})")
+@pytest.fixture(autouse=True)
+def _extension(request):
+    """Build once (cached); fail if a compiler exists but the build broke, else skip."""
+    if "without_extension" in request.fixturenames or cpu.load_extension() is not None:
+        return
+    if shutil.which("c++") or shutil.which("g++"):
+        pytest.fail(
+            f"a compiler is present but the extension did not build: {cpu.extension_error()}"
+        )
+    pytest.skip(f"no C++ compiler here; the fallback is tested below ({cpu.extension_error()})")
 
 
 def _run(s, t, labels, grad_scale=1.7, **kw):
@@ -225,12 +227,18 @@ def test_kernels_write_every_output(poisoned_empty, dtype):
         assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
 
 
-def test_fallback_when_the_build_fails(monkeypatch):
+@pytest.fixture
+def without_extension(monkeypatch):
+    """A fresh process on a machine where the build fails (no compiler)."""
+
     def no_compiler(*args, **kwargs):
         raise RuntimeError("simulated: c++ not found")
 
     monkeypatch.setitem(cpu._state, "lib", cpu._UNTRIED)
     monkeypatch.setattr(cpu, "_build", no_compiler)
+
+
+def test_fallback_when_the_build_fails(without_extension):
     with pytest.warns(RuntimeWarning, match="could not be built.*install a C\\+\\+ compiler"):
         assert backends.resolve_backend("auto", torch.device("cpu")).name == "torch"
     with warnings.catch_warnings():
