@@ -155,7 +155,8 @@ void fwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
 template <typename Scratch, typename F>
 void for_each_row(int64_t rows, int64_t vocab, const F& row_fn) {
   const int64_t per_grab = std::max<int64_t>(1, 8 * kTile / std::max<int64_t>(vocab, 1));
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (rows + per_grab - 1) / per_grab);
+  const int64_t grabs = (rows + per_grab - 1) / per_grab;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), grabs);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
     Scratch scratch;
@@ -248,9 +249,10 @@ void bwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
 
 // The gradient is a fresh allocation, so each of its 4 KiB pages faults on first write. Asking the
 // kernel to map a row's pages in one call (MADV_POPULATE_WRITE, Linux >= 5.14; elsewhere a no-op)
-// costs the same zeroing but not a trap per page: about 15% of the backward's CPU time at 152k
-// columns on the reference machine. Huge pages (MADV_HUGEPAGE) were faster on average there but
-// made some calls 4x slower, so they are not used.
+// costs the same zeroing but not a trap per page: 17% less backward CPU time at 152k columns on
+// the reference machine (a VM, where first touches are dear). Huge pages (MADV_HUGEPAGE) were
+// faster in steady state there but made a process's first call 2.5x slower and some later ones 2x
+// slower, so they are not used.
 void prefault_row(char* row, int64_t bytes) {
 #if defined(__linux__)
   constexpr uintptr_t kPage = 4096;

@@ -14,8 +14,8 @@
 // torch.clamp's gradient), written with comparisons so NaN stays NaN. log m is a guarded
 // log-add-exp, finite whenever one side is.
 //
-// Vectors are at::vec::Vectorized<float> (16 lanes under AVX-512, 8 under AVX2); exp/log1p go to
-// an inlined polynomial (vexp) and log1p to the Sleef routine libtorch exports.
+// Vectors are at::vec::Vectorized<float> (16 lanes under AVX-512, 8 under AVX2); exp is the inlined
+// polynomial vexp below, log1p (JSD only) the Sleef routine libtorch exports.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -24,8 +24,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 
@@ -34,7 +34,7 @@ namespace renio {
 using Vec = at::vec::Vectorized<float>;
 
 // Floats per tile: 8 KiB per operand, so a tile of each operand plus the gradient tile stays in L1
-// (48 KiB on the machines we target) while the Sleef calls stream through it.
+// (48 KiB on the machines we target) while the math streams through it.
 constexpr int64_t kTile = 2048;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -57,8 +57,8 @@ inline Vec where(const Vec& mask, const Vec& if_true, const Vec& if_false) {
 // Cephes expf polynomial, then r's result times 2^n (vscalefps under AVX-512, two exponent-field
 // products under AVX2 so that results down to the smallest subnormal stay exact). Inputs are
 // clamped to [-104, 89] (exp underflows to 0 below about -103.97 and overflows above 88.73) with
-// NaN-preserving min/max, so -inf gives exactly 0, +inf gives inf and NaN stays NaN. Twice the
-// throughput of the out-of-line Sleef call, which is what the generic build uses.
+// NaN-preserving min/max, so -inf gives exactly 0, +inf gives inf and NaN stays NaN. Several times
+// the throughput of Vectorized::exp() (an out-of-line Sleef call), which the generic build keeps.
 inline Vec vexp(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   const Vec xc = at::vec::clamp(x, Vec(-104.0f), Vec(89.0f));
