@@ -28,5 +28,16 @@ test-fast: install
 demo: install
 	$(PY) -m renio_kernels.demo
 
+BENCH_STAMP := .make/bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]" --config-settings editable_mode=compat
+	@mkdir -p $(dir $@) && touch $@
+
+# The CPU quick mode (about 10 minutes on 2 cores): appends rows to
+# benchmarks/results/<device>.csv and writes the plots and the markdown table beside it.
+# BENCH_ARGS passes options through, e.g. BENCH_ARGS="--preset cpu-full --threads 2".
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks run --preset cpu-quick $(BENCH_ARGS)
+
 clean:
 	rm -rf .make build *.egg-info .pytest_cache

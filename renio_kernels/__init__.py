@@ -5,6 +5,8 @@ Public API::
     renio_loss(student_logits, teacher_logits, labels, **options)      # scalar loss
     ReNIOLoss(**options)                                               # nn.Module (holds ema)
     sampled_reverse_kl_loss(student_logits, teacher_logits, labels)    # "OPD as RL" loss
+    fused_linear_renio_loss(hs, Ws, ht, Wt, labels, **options)         # from hidden states
+    FusedLinearReNIOLoss(**options)                                    # nn.Module of the above
     renio_kernels.reference                                            # float64-capable oracle
 
 The exact semantics are in ``shared/SPEC.md``; the README maps options to the paper's flags.
@@ -12,18 +14,22 @@ The exact semantics are in ``shared/SPEC.md``; the README maps options to the pa
 
 from . import reference
 from .backends import BACKENDS
+from .fused_linear import fused_linear_renio_loss
 from .loss import renio_loss, sampled_reverse_kl_loss
 from .modules import ReNIOLoss, SampledReverseKLLoss
+from .modules_linear import FusedLinearReNIOLoss
 from .weights import WEIGHT_NORMS, ReNIOOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "FusedLinearReNIOLoss",
     "WEIGHT_NORMS",
     "ReNIOLoss",
     "ReNIOOptions",
     "SampledReverseKLLoss",
+    "fused_linear_renio_loss",
     "reference",
     "renio_loss",
     "sampled_reverse_kl_loss",

@@ -27,8 +27,11 @@ class RowStatsFunction(torch.autograd.Function):
         params: DivergenceParams,
         backend: RowBackend,
         with_divergence: bool,
+        grad_enabled: bool,
     ):
-        need_grad = ctx.needs_input_grad[0]
+        # needs_input_grad stays True under torch.no_grad(), where no backward can follow:
+        # then C is not summed and nothing is saved.
+        need_grad = ctx.needs_input_grad[0] and grad_enabled
         stats = backend.fwd(
             student,
             teacher,
@@ -49,8 +52,8 @@ class RowStatsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_d, grad_ls_x, _grad_lt_x):
         if grad_d is None and grad_ls_x is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         student, teacher, labels, lse_s, lse_t, c = ctx.saved_tensors
         stats = RowStats(lse_s, lse_t, None, None, None, c)
         grad = ctx.backend.bwd(student, teacher, labels, ctx.params, stats, grad_d, grad_ls_x)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None

@@ -9,7 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["TritonConfig", "TRITON", "TORCH_CHUNK_ELEMENTS", "interpreting"]
+__all__ = [
+    "TritonConfig",
+    "TRITON",
+    "TORCH_CHUNK_ELEMENTS",
+    "FUSED_LINEAR_CHUNK_ELEMENTS",
+    "FUSED_LINEAR_MIN_ROWS",
+    "interpreting",
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,15 @@ TRITON = TritonConfig()
 # fp32 intermediates stay a small, fixed size whatever B*T is: 2^21 elements = 8 MiB per fp32
 # temporary, about a dozen of which are live at once.
 TORCH_CHUNK_ELEMENTS = 1 << 21
+
+# The fused-linear loss takes tokens in chunks whose fp32 buffers (student and teacher logits, the
+# logits gradient, upcast hidden rows) hold about this many elements together, per device type.
+# CPU: 2^25 elements = 128 MiB, so the chunk buffers stay near 5% of one (4096 x 152k) fp32 logits
+# tensor. CUDA: 2^28 = 1 GiB, which gives ~580-row chunks at a 152k vocabulary: each chunk's GEMM
+# re-reads the whole weight, so rows per chunk is the matmul's arithmetic intensity.
+FUSED_LINEAR_CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
+# Fewer rows than this make the chunk GEMMs bandwidth-bound on the weight, whatever the budget says.
+FUSED_LINEAR_MIN_ROWS = 16
 
 
 def interpreting() -> bool:

@@ -6,7 +6,8 @@ import torch
 
 from ._validation import check_labels_in_range, check_logits_inputs, last_dim_contiguous
 from .autograd import RowStatsFunction
-from .backends import resolve_backend
+from .backends import BACKENDS, resolve_backend
+from .custom_ops import check_labels_async, row_stats_op, traced_options
 from .ops.params import DivergenceParams
 from .weights import ReNIOOptions, reduce_renio, reduce_sampled_rkl
 
@@ -23,8 +24,27 @@ def row_stats(
     with_divergence: bool,
     check_labels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate, pick the backend, and run the row kernels: ``(d, ls[x], lt[x])``, each (B, T)."""
+    """Validate, pick the backend, and run the row kernels: ``(d, ls[x], lt[x])``, each (B, T).
+
+    Eager calls go straight to ``RowStatsFunction`` (no dispatcher overhead). Under
+    ``torch.compile`` the same kernels run through the ``renio::row_stats_*`` custom ops, which
+    Dynamo traces as single nodes, and the label check becomes an asynchronous device assert
+    (``check_labels_async``) instead of a host sync that would break the graph.
+    """
     check_logits_inputs(student_logits, teacher_logits, labels)
+    if torch.compiler.is_compiling():
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if check_labels:
+            check_labels_async(labels, student_logits.shape[-1], params.ignore_index)
+        return row_stats_op(
+            last_dim_contiguous(student_logits),
+            last_dim_contiguous(teacher_logits.detach()),
+            labels,
+            params,
+            backend,
+            with_divergence,
+        )
     if check_labels:
         check_labels_in_range(labels, student_logits.shape[-1], params.ignore_index)
     ops = resolve_backend(backend, student_logits.device)
@@ -35,6 +55,7 @@ def row_stats(
         params,
         ops,
         with_divergence,
+        torch.is_grad_enabled(),
     )
 
 
@@ -93,7 +114,7 @@ def renio_loss(
     forward KL they give ``d = +inf`` wherever the teacher has mass (unless clipped). A row that
     is ``-inf`` everywhere has no distribution and gives NaN.
     """
-    opts = ReNIOOptions(
+    opts = call_options(
         beta=beta,
         temperature=temperature,
         token_clip=token_clip,
@@ -123,6 +144,16 @@ def renio_loss(
     return reduce_renio(d, ls_x, lt_x, labels != ignore_index, opts, ema_state, return_stats)
 
 
+def call_options(**kw) -> ReNIOOptions:
+    """Validated options. Under ``torch.compile`` a float option may be traced as a symbolic
+    float (backed by a float64 tensor, Liger-Kernel #1362) on which ``ReNIOOptions``' checks
+    cannot run, so there the same ranges are checked with comparisons (which become guards) and
+    the values travel on symbolically; the custom ops receive real Python floats at run time."""
+    if not torch.compiler.is_compiling():
+        return ReNIOOptions(**kw)
+    return traced_options(**kw)
+
+
 def params_from_options(opts: ReNIOOptions) -> DivergenceParams:
     return DivergenceParams(
         beta=float(opts.beta),
@@ -148,7 +179,7 @@ def sampled_reverse_kl_loss(
     ``A = lt[x] - ls[x]``. Needs only the two log-normalizers and the sampled logits: one sweep
     over the vocabulary forward, one backward. A fully ignored batch gives 0.
     """
-    opts = ReNIOOptions(temperature=temperature, ignore_index=ignore_index)
+    opts = call_options(temperature=temperature, ignore_index=ignore_index)
     _, ls_x, lt_x = row_stats(
         student_logits,
         teacher_logits,

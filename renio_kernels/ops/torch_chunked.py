@@ -67,7 +67,9 @@ def _terms(ls: torch.Tensor, lt: torch.Tensor, params: DivergenceParams, want_gr
     if params.clip_on:
         clip = params.clip_value
         if want_grad:
-            de = torch.where((e >= 0) & (e <= clip), de, zero)
+            # JSD terms are >= 0 in exact arithmetic: only the upper bound gates (triton_math).
+            active = e <= clip if params.beta_mode == 2 else (e >= 0) & (e <= clip)
+            de = torch.where(active, de, zero)
         e = torch.where(e < 0, zero, torch.where(e > clip, clip, e))
     return e, de, ps
 
@@ -111,7 +113,7 @@ def renio_fwd_torch(
         )
         if with_divergence:
             e, de, _ = _terms(ls, lt, params, want_grad=store_c)
-            d[bs, ts] = torch.where(valid, e.sum(-1), zero)
+            d[bs, ts] = torch.where(valid, torch.where(in_range, e.sum(-1), nan), zero)
             if store_c:
                 c[bs, ts] = torch.where(valid, de.sum(-1), zero)
             del e, de
@@ -137,10 +139,12 @@ def renio_bwd_torch(
     for bs, ts in row_chunks(batch, seq, vocab, chunk_elements):
         lab = labels[bs, ts]
         valid = lab != params.ignore_index
-        ls = student[bs, ts].float().mul_(inv_tau).sub_(stats.lse_s[bs, ts].unsqueeze(-1))
+        # ``.float()`` returns the caller's tensor itself for fp32 input: multiply out of place
+        # first, then work in place on the fresh copy only.
+        ls = (student[bs, ts].float() * inv_tau).sub_(stats.lse_s[bs, ts].unsqueeze(-1))
         g = torch.zeros_like(ls)
         if grad_d is not None:
-            lt = teacher[bs, ts, :vocab].float().mul_(inv_tau)
+            lt = teacher[bs, ts, :vocab].float() * inv_tau
             lt.sub_(stats.lse_t[bs, ts].unsqueeze(-1))
             _, de, ps = _terms(ls, lt, params, want_grad=True)
             del lt

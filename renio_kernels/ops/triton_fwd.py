@@ -106,7 +106,8 @@ def _renio_fwd_kernel(
         lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(z_s)
         lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(z_t)
 
-        # An out-of-range label (only possible with check_labels=False) poisons the row.
+        # An out-of-range label (only possible with check_labels=False) poisons the row's
+        # outputs, d included, so the loss turns NaN instead of silently dropping the token.
         ok = (label >= 0) & (label < V)
         s_x = tl.load(s_row + label, mask=ok, other=float("nan")).to(tl.float32)
         t_x = tl.load(t_row + label, mask=ok, other=float("nan")).to(tl.float32)
@@ -134,7 +135,7 @@ def _renio_fwd_kernel(
                 d_acc += e
                 if STORE_C:
                     c_acc += de
-            d = tl.sum(d_acc, axis=0)
+            d = tl.where(ok, tl.sum(d_acc, axis=0), float("nan"))
             c = tl.sum(c_acc, axis=0)
 
     tl.store(lse_s_ptr + row, lse_s)

@@ -12,8 +12,11 @@ For one vocabulary tile of a row, with ``ls``/``lt`` the student/teacher log-pro
 A term whose probability is exactly 0 is 0 (so ``-inf`` logits never produce ``0 * -inf``), but
 the guard tests ``p == 0``, not ``p > 0``: a NaN probability keeps its NaN. With the token clip,
 ``e`` is clamped to ``[0, clip]`` and ``de/dls`` is zeroed where the clamp is active (inclusive
-bounds, as ``torch.clamp``'s gradient). ``log m`` is a guarded log-add-exp, finite whenever one
-side is.
+bounds, as ``torch.clamp``'s gradient). Each JSD term is >= 0 in exact arithmetic (log-sum
+inequality), so its lower bound is only ever crossed by rounding noise where ``ps ~ pt``; gating
+on it would drop a gradient that exact arithmetic keeps, so for the JSD only the upper bound
+gates (this matches the float64 reference far better than a literal fp32 clamp).
+``log m`` is a guarded log-add-exp, finite whenever one side is.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def _divergence_terms(
         e = beta * t_term + (1.0 - beta) * s_term
         de = (1.0 - beta) * s_term
     if CLIP:
-        de = tl.where((e >= 0.0) & (e <= token_clip), de, 0.0)
+        if BETA_MODE == 2:
+            de = tl.where(e <= token_clip, de, 0.0)
+        else:
+            de = tl.where((e >= 0.0) & (e <= token_clip), de, 0.0)
         # Written with comparisons rather than minimum/maximum so a NaN stays NaN.
         e = tl.where(e < 0.0, 0.0, tl.where(e > token_clip, token_clip, e))
     return e, de, ps

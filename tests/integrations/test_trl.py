@@ -1,0 +1,161 @@
+"""TRL integration: a few on-policy training steps of tiny models on CPU, each step's loss equal
+to ``renio_loss`` on the same batch; and the ImportError without TRL."""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import math
+import sys
+
+import pytest
+import torch
+
+import renio_kernels as rk
+from tests.helpers import rel_err
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_import_without_trl_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_trl(name, *args, **kwargs):
+        if name == "trl" or name.startswith("trl."):
+            raise ImportError("No module named 'trl'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "renio_kernels.integrations.trl", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_trl)
+    with pytest.raises(ImportError, match=r"pip install renio-kernels\[trl\]"):
+        importlib.import_module("renio_kernels.integrations.trl")
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.integrations.tiny_models import VOCAB
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        padding_side="left",
+    )
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+
+
+def make_trainer(tmp_path, fused: bool | None, **options):
+    trl_mod = pytest.importorskip("renio_kernels.integrations.trl", reason="needs trl")
+    from datasets import Dataset
+
+    from tests.integrations.tiny_models import tiny_llama
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [
+        " ".join(f"w{int(i)}" for i in torch.randint(3, 64, (int(n),), generator=g))
+        for n in torch.randint(2, 6, (8,), generator=g)
+    ]
+    args = trl_mod.ReNIODistillationConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        max_completion_length=6,
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        renio_backend="torch",
+        renio_fused_linear=fused,
+        **options,
+    )
+    recorded = []
+
+    class Recording(trl_mod.ReNIODistillationTrainer):
+        def _renio_loss(self, student, inputs):
+            out = super()._renio_loss(student, inputs)
+            recorded.append((out[0].detach(), self._functional(student, inputs)))
+            return out
+
+        def _functional(self, student, inputs):
+            """The same batch through renio_kernels.renio_loss on full-sequence logits."""
+            input_ids, attention_mask, labels, _ = self.renio_batch(inputs)
+            keep = labels.shape[1]
+            with torch.no_grad():
+                s = student(input_ids=input_ids, attention_mask=attention_mask).logits
+                t = self.teacher_model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return rk.renio_loss(
+                s[:, -keep - 1 : -1],
+                t[:, -keep - 1 : -1],
+                labels,
+                backend="torch",
+                **vars(self.renio_options),
+            )
+
+    student = tiny_llama(0)
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer = Recording(
+        model=student,
+        teacher_model=tiny_llama(1, hidden=48),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tiny_tokenizer(),
+    )
+    return trainer, recorded, before
+
+
+@pytest.mark.parametrize(
+    "fused",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not hasattr(rk, "fused_linear_renio_loss"), reason="fused-linear loss not merged"
+            ),
+        ),
+    ],
+    ids=["logits", "fused-linear"],
+)
+def test_trainer_steps_match_functional_loss(tmp_path, offline, fused):
+    trainer, recorded, before = make_trainer(
+        tmp_path, fused, beta=0.5, token_clip=0.3, threshold=0.1
+    )
+    assert trainer.renio_fused is fused
+    trainer.train()
+    # 2 optimizer steps x 2 accumulated micro-batches, each checked against renio_loss.
+    assert len(recorded) == 4
+    for loss, functional in recorded:
+        assert math.isfinite(loss.item()) and loss.item() > 0
+        assert rel_err(loss, functional) < 1e-5
+    moved = [rel_err(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True)]
+    assert max(moved) > 0
+    logged = [h for h in trainer.state.log_history if "renio/weight_max" in h]
+    assert logged and logged[0]["renio/weight_max"] >= 1.0 >= logged[0]["renio/weight_min"]
+
+
+def test_config_validates_options(tmp_path):
+    trl_mod = pytest.importorskip("renio_kernels.integrations.trl", reason="needs trl")
+    config = trl_mod.ReNIODistillationConfig
+    with pytest.raises(ValueError, match="weight_norm"):
+        config(output_dir=str(tmp_path), weight_norm="mean", use_cpu=True)
+    with pytest.raises(ValueError, match="renio_backend"):
+        config(output_dir=str(tmp_path), renio_backend="cuda", use_cpu=True)
+    args = config(output_dir=str(tmp_path), use_cpu=True)
+    assert args.renio_options() == rk.ReNIOOptions()

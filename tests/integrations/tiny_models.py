@@ -1,0 +1,50 @@
+"""Tiny randomly initialized causal LMs and prompt + completion batches, built in code."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int, hidden: int = 32, vocab: int = VOCAB, tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Default init gives near-uniform logits; a larger head gives distributions with some shape,
+    # so ReNIO's ratio threshold selects some tokens and the weights differ from 1.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model.float()
+
+
+def prompt_completion_batch(batch: int, prompt: int, completion: int, seed: int = 0):
+    """Left-padded prompts then right-padded completions, as on-policy trainers build them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, prompt + completion), generator=g)
+    attn = torch.ones_like(ids)
+    comp = torch.zeros_like(ids)
+    comp[:, prompt:] = 1
+    for b in range(batch):
+        pad_left = b % 3
+        ids[b, :pad_left] = 0
+        attn[b, :pad_left] = 0
+        cut = completion - (b % 4)  # completions of different lengths, then padding
+        ids[b, prompt + cut :] = 0
+        attn[b, prompt + cut :] = 0
+        comp[b, prompt + cut :] = 0
+    return ids, attn, comp
