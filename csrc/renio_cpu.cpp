@@ -144,7 +144,8 @@ void fwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
     d += reduce_sum(d_acc);
     c += reduce_sum(c_acc);
   }
-  out.d = static_cast<float>(d);
+  // An out-of-range label poisons d too, so the loss turns NaN instead of dropping the token.
+  out.d = ok ? static_cast<float>(d) : kNaN;
   out.c = static_cast<float>(c);
 }
 

@@ -11,7 +11,7 @@
 // Guards, exactly as the Triton kernels: a term whose probability is exactly 0 is 0 (so -inf
 // logits never give 0 * -inf), tested with `p == 0` so a NaN probability keeps its NaN. The token
 // clip clamps e to [0, clip] and zeroes de/dls where the clamp is active (inclusive bounds, like
-// torch.clamp's gradient), written with comparisons so NaN stays NaN. log m is a guarded
+// torch.clamp's gradient; for the JSD only the upper bound gates), keeping NaN. log m is a guarded
 // log-add-exp, finite whenever one side is.
 //
 // Vectors are at::vec::Vectorized<float> (16 lanes under AVX-512, 8 under AVX2); exp is the inlined
@@ -132,9 +132,15 @@ inline void divergence_terms(const Vec& ls, const Vec& lt, const DivParams& p, V
   }
   if constexpr (kClip) {
     // The gradient flows where the clamp is inactive, bounds included (torch.clamp); a NaN e
-    // compares unequal to itself, so its gradient is 0 as in the Triton kernel.
+    // fails every comparison, so its gradient is 0 as in the Triton kernel. A JSD term is >= 0
+    // in exact arithmetic, so only its upper bound gates: below 0 is rounding noise where
+    // ps ~ pt, and exact arithmetic keeps that gradient.
     const Vec clamped = clamp_keep_nan(e, Vec(p.clip));
-    de = de & (clamped == e);
+    if constexpr (kBetaMode == kJSD) {
+      de = de & (e <= Vec(p.clip));
+    } else {
+      de = de & (clamped == e);
+    }
     e = clamped;
   }
 }
