@@ -42,8 +42,12 @@ def _torch_backend() -> RowBackend:
 
 
 def _cpu_backend() -> RowBackend | None:
-    """The native extension's kernels, or None when it cannot be built here."""
-    return None
+    """The native extension's kernels, or None when it cannot be built here (warned once)."""
+    from .ops import cpu
+
+    if cpu.load_extension() is None:
+        return None
+    return RowBackend("cpu", cpu.renio_fwd_cpu, cpu.renio_bwd_cpu)
 
 
 def triton_available() -> bool:

@@ -1,0 +1,238 @@
+// Vectorized element math of the ReNIO row kernels on the CPU (same math as
+// renio_kernels/ops/triton_math.py). For one vector of a row, with ls/lt the student/teacher
+// log-probabilities (already divided by the temperature and normalized), ps = exp(ls), pt = exp(lt):
+//
+//   beta == 0 (forward KL):  e = pt (lt - ls)                     de/dls = -pt
+//   beta == 1 (reverse KL):  e = ps (ls - lt)                     de/dls = ps (ls - lt + 1)
+//   otherwise (JSD), m = (1 - beta) ps + beta pt:
+//       e = beta pt (lt - log m) + (1 - beta) ps (ls - log m)
+//       de/dls = (1 - beta) ps (ls - log m)
+//
+// Guards, exactly as the Triton kernels: a term whose probability is exactly 0 is 0 (so -inf
+// logits never give 0 * -inf), tested with `p == 0` so a NaN probability keeps its NaN. The token
+// clip clamps e to [0, clip] and zeroes de/dls where the clamp is active (inclusive bounds, like
+// torch.clamp's gradient; for the JSD only the upper bound gates), keeping NaN. log m is a guarded
+// log-add-exp, finite whenever one side is.
+//
+// Vectors are at::vec::Vectorized<float> (16 lanes under AVX-512, 8 under AVX2); exp is the inlined
+// polynomial vexp below, log1p (JSD only) the Sleef routine libtorch exports.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace renio {
+
+using Vec = at::vec::Vectorized<float>;
+
+// Floats per tile: 8 KiB per operand, so a tile of each operand plus the gradient tile stays in L1
+// (48 KiB on the machines we target) while the math streams through it.
+constexpr int64_t kTile = 2048;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+enum BetaMode : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+
+struct DivParams {
+  float inv_tau;
+  float beta;
+  float log_beta;
+  float log_1m_beta;
+  float clip;
+};
+
+inline Vec where(const Vec& mask, const Vec& if_true, const Vec& if_false) {
+  return Vec::blendv(if_false, if_true, mask);
+}
+
+// exp(x) inlined, about 1 ulp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, the degree-7
+// Cephes expf polynomial, then r's result times 2^n (vscalefps under AVX-512, two exponent-field
+// products under AVX2 so that results down to the smallest subnormal stay exact). Inputs are
+// clamped to [-104, 89] (exp underflows to 0 below about -103.97 and overflows above 88.73) with
+// NaN-preserving min/max, so -inf gives exactly 0, +inf gives inf and NaN stays NaN. Several times
+// the throughput of Vectorized::exp() (an out-of-line Sleef call), which the generic build keeps.
+inline Vec vexp(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const Vec xc = at::vec::clamp(x, Vec(-104.0f), Vec(89.0f));
+  const Vec n = (xc * Vec(1.44269504088896341f)).round();
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+  Vec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r) + Vec(1.0f);
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(p, n);
+#else
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const Vec s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const Vec s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return p * s1 * s2;
+#endif
+#else
+  return x.exp();
+#endif
+}
+
+// p * x, but 0 where p == 0 whatever x is (so 0 * -inf is 0); a NaN p is not 0 and stays NaN.
+inline Vec guarded(const Vec& p, const Vec& x) { return p * ((p != Vec(0.0f)) & x); }
+
+// clamp(e, 0, hi) that keeps NaN (min/max with the operand order of clamp() under AVX).
+inline Vec clamp_keep_nan(const Vec& e, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return at::vec::clamp(e, Vec(0.0f), hi);
+#else
+  return where(e < Vec(0.0f), Vec(0.0f), where(e > hi, hi, e));
+#endif
+}
+
+// mx + log1p(exp(mn - mx)) with mx = max(x, y): log(exp(x) + exp(y)) without overflow; -inf when
+// both are -inf (where the unguarded form gives NaN); NaN when either is NaN.
+inline Vec logaddexp(const Vec& x, const Vec& y) {
+  const Vec mx = at::vec::maximum(x, y);
+  const Vec mn = at::vec::minimum(x, y);
+  return where(mx == Vec(kNegInf), mx, mx + vexp(mn - mx).log1p());
+}
+
+// e (clamped when kClip), de/dls (gated when kClip) and, when kNeedPs, ps, for one vector.
+template <int kBetaMode, bool kClip, bool kNeedPs>
+inline void divergence_terms(const Vec& ls, const Vec& lt, const DivParams& p, Vec& e, Vec& de,
+                             Vec& ps) {
+  if constexpr (kBetaMode == kForwardKL) {
+    const Vec pt = vexp(lt);
+    e = guarded(pt, lt - ls);
+    de = Vec(0.0f) - pt;
+    if constexpr (kNeedPs) ps = vexp(ls);
+  } else if constexpr (kBetaMode == kReverseKL) {
+    ps = vexp(ls);
+    const Vec diff = (ps != Vec(0.0f)) & (ls - lt);
+    e = ps * diff;
+    de = ps * (diff + Vec(1.0f));
+  } else {
+    ps = vexp(ls);
+    const Vec pt = vexp(lt);
+    const Vec log_m = logaddexp(ls + Vec(p.log_1m_beta), lt + Vec(p.log_beta));
+    const Vec s_term = guarded(ps, ls - log_m);
+    e = at::vec::fmadd(Vec(p.beta), guarded(pt, lt - log_m), Vec(1.0f - p.beta) * s_term);
+    de = Vec(1.0f - p.beta) * s_term;
+  }
+  if constexpr (kClip) {
+    // The gradient flows where the clamp is inactive, bounds included (torch.clamp); a NaN e
+    // fails every comparison, so its gradient is 0 as in the Triton kernel. A JSD term is >= 0
+    // in exact arithmetic, so only its upper bound gates: below 0 is rounding noise where
+    // ps ~ pt, and exact arithmetic keeps that gradient.
+    const Vec clamped = clamp_keep_nan(e, Vec(p.clip));
+    if constexpr (kBetaMode == kJSD) {
+      de = de & (e <= Vec(p.clip));
+    } else {
+      de = de & (clamped == e);
+    }
+    e = clamped;
+  }
+}
+
+// Lane max; the callers keep NaN out of the running max (a NaN logit shows up in its exp instead).
+inline float reduce_max(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int i = 1; i < Vec::size(); ++i) m = std::max(m, lanes[i]);
+  return m;
+}
+
+inline float reduce_sum(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
+inline int64_t padded(int64_t n) {
+  return (n + Vec::size() - 1) / Vec::size() * Vec::size();
+}
+
+// dst[0:n] = float(src[0:n]) * scale, then -inf up to the next whole vector, so padded lanes
+// never enter a log-sum-exp and make every divergence term exactly 0.
+template <typename scalar_t>
+inline void load_tile_as(const scalar_t* src, int64_t n, float scale, float* dst) {
+  const Vec vscale(scale);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * vscale).store(dst + i);
+  } else {
+    using HVec = at::vec::Vectorized<scalar_t>;
+    for (; i + HVec::size() <= n; i += HVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(HVec::loadu(src + i));
+      (lo * vscale).store(dst + i);
+      (hi * vscale).store(dst + i + Vec::size());
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+  for (; i < padded(n); ++i) dst[i] = kNegInf;
+}
+
+inline void load_tile(const void* src, c10::ScalarType dtype, int64_t n, float scale, float* dst) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return load_tile_as(static_cast<const float*>(src), n, scale, dst);
+    case c10::ScalarType::Half:
+      return load_tile_as(static_cast<const c10::Half*>(src), n, scale, dst);
+    default:
+      return load_tile_as(static_cast<const c10::BFloat16*>(src), n, scale, dst);
+  }
+}
+
+// dst[0:n] = src[0:n] rounded to scalar_t (round-to-nearest-even, as Tensor.to()).
+template <typename scalar_t>
+inline void store_tile_as(const float* src, int64_t n, scalar_t* dst) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(src + i).store(dst + i);
+  } else {
+    using HVec = at::vec::Vectorized<scalar_t>;
+    for (; i + HVec::size() <= n; i += HVec::size()) {
+      at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + Vec::size()))
+          .store(dst + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+inline void store_tile(const float* src, int64_t n, c10::ScalarType dtype, void* dst) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return store_tile_as(src, n, static_cast<float*>(dst));
+    case c10::ScalarType::Half:
+      return store_tile_as(src, n, static_cast<c10::Half*>(dst));
+    default:
+      return store_tile_as(src, n, static_cast<c10::BFloat16*>(dst));
+  }
+}
+
+inline float load_scalar(const void* row, c10::ScalarType dtype, int64_t j) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return static_cast<const float*>(row)[j];
+    case c10::ScalarType::Half:
+      return static_cast<float>(static_cast<const c10::Half*>(row)[j]);
+    default:
+      return static_cast<float>(static_cast<const c10::BFloat16*>(row)[j]);
+  }
+}
+
+}  // namespace renio

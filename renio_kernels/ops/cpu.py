@@ -1,0 +1,174 @@
+"""Native CPU row kernels (``csrc/``): JIT build, cache, and the row-kernel launchers.
+
+Same contract and math as ``triton_fwd``/``triton_bwd`` and ``torch_chunked``: ``renio_fwd_cpu``
+returns ``RowStats``, ``renio_bwd_cpu`` the student gradient in the student's dtype. The C++
+kernels take one ``(b, t)`` row per task over ``torch.get_num_threads()`` threads, read each row in
+L1-sized fp32 tiles and write every output element themselves (see ``csrc/renio_cpu.cpp``).
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja, OpenMP,
+``-O3`` plus the vector ISA torch itself dispatches to here: AVX-512, AVX2 or none). The build
+directory is named after a hash of the sources and flags, so an unchanged build is reused across
+processes (torch's extension root, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``)
+and an edited source gets a fresh one. When the build fails, ``load_extension()`` returns None
+after one warning and callers fall back to the torch backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import torch
+
+from .params import DivergenceParams, RowStats
+
+__all__ = ["load_extension", "extension_error", "renio_fwd_cpu", "renio_bwd_cpu", "build_flags"]
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("renio_cpu.cpp",)
+HEADERS = ("renio_cpu_math.h",)
+_LIBRARY = "renio_kernels_cpu"
+
+# The flags torch's own kernels use for each capability; Sleef's matching routines are exported
+# by libtorch. ``CPU_CAPABILITY`` names our copy of at::vec's inline namespace, so its inline
+# functions never collide with libtorch's.
+_ISA_FLAGS = {
+    "AVX512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-DCPU_CAPABILITY_AVX512",
+        "-DCPU_CAPABILITY=renio_avx512",
+    ],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=renio_avx2"],
+}
+
+_UNTRIED = object()
+_state: dict[str, object] = {"lib": _UNTRIED, "error": None}
+
+
+def build_flags() -> list[str]:
+    """Compiler flags for this machine: ``-O3 -fopenmp`` plus the ISA torch dispatches to."""
+    isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ["-DCPU_CAPABILITY=renio_base"])
+    return ["-O3", "-fopenmp", *isa]
+
+
+def _build_name(flags: list[str]) -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update((CSRC / name).read_bytes())
+    digest.update(" ".join(flags).encode())
+    digest.update(torch.__version__.encode())
+    return f"renio_cpu_{digest.hexdigest()[:16]}"
+
+
+def _build(verbose: bool = False) -> str:
+    """Compile (or reuse) the extension and register its ops; returns the library path."""
+    from torch.utils.cpp_extension import load  # noqa: PLC0415 (slow import, only when needed)
+
+    flags = build_flags()
+    return load(
+        name=_build_name(flags),
+        sources=[str(CSRC / name) for name in SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def load_extension() -> str | None:
+    """The built library's path, building it on the first call; None when it cannot be built.
+
+    The first failure warns once, saying how to get the fast path; later calls return None quietly.
+    """
+    if _state["lib"] is _UNTRIED:
+        try:
+            _state["lib"] = _build()
+        except Exception as exc:  # a missing compiler or ninja, a compile error, a read-only cache
+            _state["lib"] = None
+            _state["error"] = f"{type(exc).__name__}: {str(exc).strip()[-600:]}"
+            warnings.warn(
+                "renio_kernels: the native CPU kernel (csrc/) could not be built, so CPU tensors "
+                "use the slower chunked torch backend. For the fast path install a C++ compiler "
+                "with OpenMP and ninja (e.g. `apt-get install g++` and `pip install ninja`) and "
+                "restart Python; the build is cached under torch's extension directory "
+                f"($TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). Cause: {_state['error']}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def extension_error() -> str | None:
+    """Why the last build failed (None when it succeeded or was not tried)."""
+    return _state["error"]  # type: ignore[return-value]
+
+
+def _ops():
+    assert load_extension() is not None, f"native CPU kernel unavailable: {extension_error()}"
+    return getattr(torch.ops, _LIBRARY)
+
+
+def _scalars(params: DivergenceParams) -> tuple:
+    return (
+        params.inv_tau,
+        float(params.beta),
+        params.log_beta,
+        params.log_1m_beta,
+        params.clip_value,
+        params.beta_mode,
+        params.clip_on,
+        int(params.ignore_index),
+    )
+
+
+def renio_fwd_cpu(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    params: DivergenceParams,
+    *,
+    with_divergence: bool = True,
+    store_c: bool = True,
+) -> RowStats:
+    """Row statistics of ``(B, T, Vs)`` student and ``(B, T, Vt >= Vs)`` teacher CPU logits."""
+    assert student.dim() == 3 and teacher.dim() == 3 and labels.dim() == 2
+    assert student.stride(-1) == 1 and teacher.stride(-1) == 1
+    store_c = store_c and with_divergence
+    out = _ops().renio_fwd(student, teacher, labels, *_scalars(params), with_divergence, store_c)
+    lse_s, lse_t, ls_x, lt_x, d, c = out.unbind(0)
+    return RowStats(lse_s, lse_t, ls_x, lt_x, d, c if store_c else None)
+
+
+def renio_bwd_cpu(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    params: DivergenceParams,
+    stats: RowStats,
+    grad_d: torch.Tensor | None,
+    grad_ls_x: torch.Tensor | None,
+) -> torch.Tensor:
+    """Gradient of ``sum(grad_d * d) + sum(grad_ls_x * ls[x])`` w.r.t. the student logits."""
+    assert grad_d is not None or grad_ls_x is not None
+    assert grad_d is None or stats.c is not None, "forward ran without store_c"
+
+    def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+        # Upstream gradients may be expanded or strided (B, T) tensors; they are tiny.
+        return None if x is None else x.float().contiguous()
+
+    return _ops().renio_bwd(
+        student,
+        teacher,
+        labels,
+        rows(stats.lse_s),
+        rows(stats.lse_t),
+        rows(stats.c) if grad_d is not None else None,
+        rows(grad_d),
+        rows(grad_ls_x),
+        *_scalars(params),
+    )

@@ -1,0 +1,253 @@
+"""The native CPU kernel (csrc/, backend="cpu") against the float64 reference.
+
+The first test to need the extension builds it (about 20-60 s on 2 cores, then cached).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import renio_kernels
+from renio_kernels import backends, reference
+from renio_kernels.ops import cpu
+from renio_kernels.ops.params import DivergenceParams
+from tests.helpers import GRAD_RTOL, LOSS_RTOL, make_inputs, ref_loss_and_grad, rel_err
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _extension(request):
+    """Build once (cached); fail if a compiler exists but the build broke, else skip."""
+    if "without_extension" in request.fixturenames or cpu.load_extension() is not None:
+        return
+    if shutil.which("c++") or shutil.which("g++"):
+        pytest.fail(
+            f"a compiler is present but the extension did not build: {cpu.extension_error()}"
+        )
+    pytest.skip(f"no C++ compiler here; the fallback is tested below ({cpu.extension_error()})")
+
+
+def _run(s, t, labels, grad_scale=1.7, **kw):
+    """Loss and student gradient of ``grad_scale * loss`` through backend='cpu'."""
+    s = s.detach().clone().requires_grad_()
+    out = renio_kernels.renio_loss(s, t, labels, backend="cpu", **kw)
+    (out * grad_scale).backward()
+    return out, s.grad
+
+
+def _check(s, t, labels, dtype=torch.float32, **kw):
+    loss, grad = _run(s, t, labels, **kw)
+    ref, ref_grad = ref_loss_and_grad(s, t, labels, grad_scale=1.7, **kw)
+    assert grad.dtype == s.dtype
+    assert abs(loss.item() - ref.item()) <= LOSS_RTOL[dtype] * abs(ref.item()) + 1e-7, (loss, ref)
+    assert rel_err(grad, ref_grad) <= GRAD_RTOL[dtype]
+    return loss, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("token_clip", [None, 0.05])
+def test_parity_options(dtype, beta, token_clip):
+    s, t, labels = make_inputs(3, 6, 123, dtype=dtype, seed=1)
+    _check(s, t, labels, dtype, beta=beta, token_clip=token_clip, temperature=1.3)
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 31, 123, 1271])
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_odd_vocab_and_padded_teacher(vocab, beta):
+    s, t, labels = make_inputs(2, 5, vocab, teacher_vocab=vocab + 17, seed=vocab)
+    _check(s, t, labels, beta=beta, token_clip=0.05)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_boundaries_and_temperature(dtype):
+    # 4100 columns: two full 2048-wide tiles plus a 4-column remainder.
+    s, t, labels = make_inputs(2, 3, 4100, teacher_vocab=4160, dtype=dtype, seed=2)
+    _check(s, t, labels, dtype, beta=0.7, temperature=0.6, token_clip=0.02)
+
+
+@pytest.mark.parametrize("ignore", ["row", "none"])
+def test_ignored_rows_and_custom_index(ignore):
+    s, t, labels = make_inputs(3, 5, 64, ignore=ignore, ignore_index=7, seed=3)
+    loss, grad = _check(s, t, labels, ignore_index=7, weight_norm="clamp")
+    ignored = labels == 7
+    assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_ignored_batch(dtype):
+    s, t, labels = make_inputs(2, 4, 50, ignore="all", dtype=dtype)
+    loss, grad = _run(s, t, labels, token_clip=0.05)
+    assert loss.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_non_contiguous_views_and_int32_labels():
+    s_full, t_full, l_full = make_inputs(2, 7, 300, teacher_vocab=320, seed=4)
+    s, t, labels = s_full[:, :-1], t_full[:, 1:], l_full[:, 1:]
+    assert not s.is_contiguous() and not labels.is_contiguous()
+    loss, grad = _check(s, t, labels, beta=0.5, token_clip=0.05)
+    kw = dict(beta=0.5, token_clip=0.05)
+    loss_c, grad_c = _run(s.contiguous(), t[..., :300].contiguous(), labels.contiguous(), **kw)
+    loss_32, grad_32 = _run(s, t, labels.int(), **kw)
+    assert torch.equal(loss, loss_c) and torch.equal(grad, grad_c)
+    assert torch.equal(loss, loss_32) and torch.equal(grad, grad_32)
+
+
+def test_mixed_dtypes_and_single_row():
+    s, t, labels = make_inputs(1, 1, 77, seed=5)
+    _check(s, t.bfloat16(), labels, beta=0.2)
+
+
+def test_sampled_reverse_kl():
+    s, t, labels = make_inputs(3, 5, 211, teacher_vocab=230, seed=6)
+    s = s.requires_grad_()
+    loss = renio_kernels.sampled_reverse_kl_loss(s, t, labels, temperature=1.4, backend="cpu")
+    (loss * 1.7).backward()
+    s64 = s.detach().double().requires_grad_()
+    ref = reference.sampled_reverse_kl_loss(s64, t.double(), labels, temperature=1.4)
+    (ref * 1.7).backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7
+    assert rel_err(s.grad, s64.grad) <= 1e-5
+
+
+def test_large_row():
+    s, t, labels = make_inputs(1, 3, 262144, scale=4.0, seed=7)
+    _check(s, t, labels, token_clip=0.05)
+
+
+def test_thread_count_independence():
+    s, t, labels = make_inputs(4, 9, 3000, seed=8)
+    kw = dict(beta=0.5, token_clip=0.05)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(s, t, labels, **kw)
+        torch.set_num_threads(2)
+        two = _run(s, t, labels, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    # Each row is summed in one fixed order by one thread, so the results are identical.
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_inf_logits_where_the_weighting_probability_is_zero(beta):
+    s, t, labels = make_inputs(2, 4, 40, seed=9)
+    s[0, 2, 3] = t[0, 2, 3] = float("-inf")  # both -inf at one column
+    if beta < 1.0:
+        t[0, 1, :5] = float("-inf")  # teacher prob 0: its terms are 0, never 0 * -inf
+    if beta > 0.0:
+        s[1, 1, 7] = float("-inf")  # student prob 0: likewise
+    loss, grad = _check(s, t, labels, beta=beta)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_nan_and_dead_rows_give_nan():
+    s, t, labels = make_inputs(2, 4, 40, seed=9)
+    s_nan = s.clone()
+    s_nan[1, 2, 11] = float("nan")
+    loss, grad = _run(s_nan, t, labels, beta=0.5, token_clip=0.05)  # NaN survives the clip
+    assert torch.isnan(loss)
+    assert torch.isnan(grad[1, 2]).all()
+
+    s_dead = s.clone()
+    s_dead[1, 2] = float("-inf")  # a whole row -inf: no distribution, NaN (documented)
+    loss, _ = _run(s_dead, t, labels)
+    assert torch.isnan(loss)
+
+
+def test_shift_invariance_and_identical_inputs():
+    s, t, labels = make_inputs(2, 4, 500, seed=10)
+    s, t = s + 1e4, t + 1e4
+    # In fp32, ls = x - lse cancels two ~1e4 numbers (ulp 1e-3), in every backend: bound our error
+    # by twice the chunked torch backend's, both against the float64 reference.
+    ref, _ = ref_loss_and_grad(s, t, labels, beta=0.5)
+    ours = renio_kernels.renio_loss(s, t, labels, beta=0.5, backend="cpu")
+    theirs = renio_kernels.renio_loss(s, t, labels, beta=0.5, backend="torch")
+    assert torch.isfinite(ours)
+    assert abs(ours.item() - ref.item()) <= 2 * abs(theirs.item() - ref.item()) + 1e-6
+    same, _ = _run(s, s, labels, beta=0.5)
+    assert -1e-6 <= same.item() <= 1e-6
+
+
+def test_out_of_range_label_unchecked_gives_nan():
+    s, t, labels = make_inputs(2, 3, 20, ignore="none", seed=11)
+    labels[1, 1] = 20
+    stats = cpu.renio_fwd_cpu(s, t, labels, DivergenceParams())
+    for x in (stats.ls_x, stats.lt_x, stats.d):
+        assert torch.isnan(x[1, 1]) and not torch.isnan(x[0]).any()
+    for loss_fn in (renio_kernels.renio_loss, renio_kernels.sampled_reverse_kl_loss):
+        assert torch.isnan(loss_fn(s, t, labels, backend="cpu", check_labels=False))
+
+
+def test_no_grad_forward_and_auto_picks_cpu():
+    assert backends.resolve_backend("auto", torch.device("cpu")).name == "cpu"
+    s, t, labels = make_inputs(2, 3, 90, seed=12)
+    with torch.no_grad():
+        loss = renio_kernels.renio_loss(s.requires_grad_(), t, labels, backend="auto")
+    ref, _ = ref_loss_and_grad(s, t, labels)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+@pytest.fixture
+def poisoned_empty():
+    """Make every torch.empty / at::empty (the kernels' outputs included) come back NaN-filled."""
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(3)).all()
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_write_every_output(poisoned_empty, dtype):
+    s, t, labels = make_inputs(3, 5, 70, ignore="row", dtype=dtype, seed=13)
+    params = DivergenceParams(beta=0.5, token_clip=0.05)
+    stats = cpu.renio_fwd_cpu(s, t, labels, params, with_divergence=False)
+    assert stats.c is None and not torch.isnan(stats.lse_s).any()
+    assert torch.equal(stats.d, torch.zeros_like(stats.d))
+    stats = cpu.renio_fwd_cpu(s, t, labels, params)
+    for x in stats:
+        assert not torch.isnan(x).any()
+    ignored = labels == -100
+    assert (stats.d[ignored] == 0).all() and (stats.lse_s[ignored] == 0).all()
+    gd, gx = torch.randn(labels.shape), torch.randn(labels.shape)
+    for grads in ((gd, None), (None, gx), (gd, gx)):
+        grad = cpu.renio_bwd_cpu(s, t, labels, params, stats, *grads)
+        assert not torch.isnan(grad).any()
+        assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
+
+
+@pytest.fixture
+def without_extension(monkeypatch):
+    """A fresh process on a machine where the build fails (no compiler)."""
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("simulated: c++ not found")
+
+    monkeypatch.setitem(cpu._state, "lib", cpu._UNTRIED)
+    monkeypatch.setattr(cpu, "_build", no_compiler)
+
+
+def test_fallback_when_the_build_fails(without_extension):
+    with pytest.warns(RuntimeWarning, match="could not be built.*install a C\\+\\+ compiler"):
+        assert backends.resolve_backend("auto", torch.device("cpu")).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        assert backends.resolve_backend("auto", torch.device("cpu")).name == "torch"
+        s, t, labels = make_inputs(2, 3, 30)
+        loss = renio_kernels.renio_loss(s, t, labels)
+        with pytest.raises(ValueError, match="backend='cpu' needs the native extension"):
+            renio_kernels.renio_loss(s, t, labels, backend="cpu")
+    assert "simulated" in cpu.extension_error()
+    ref, _ = ref_loss_and_grad(s, t, labels)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
