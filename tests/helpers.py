@@ -76,3 +76,21 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     if denom == 0:
         return float((x - ref).norm())
     return float((x - ref).norm() / denom)
+
+
+def _core_backends() -> list:
+    """Backends the core parity suite runs: torch and triton everywhere, plus the native CPU
+    kernel when the tensors live on the CPU (skipped, with the build error, if it cannot build)."""
+    import pytest
+
+    backends: list = ["torch", "triton"]
+    if DEVICE == "cpu":
+        from renio_kernels.ops import cpu
+
+        built = cpu.load_extension() is not None
+        reason = f"native CPU kernel unavailable: {cpu.extension_error()}"
+        backends.append(pytest.param("cpu", marks=pytest.mark.skipif(not built, reason=reason)))
+    return backends
+
+
+CORE_BACKENDS = _core_backends()

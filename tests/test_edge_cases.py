@@ -5,9 +5,9 @@ import torch
 
 import renio_kernels as rk
 from renio_kernels import reference
-from tests.helpers import DEVICE, make_inputs, ref_loss_and_grad, rel_err
+from tests.helpers import CORE_BACKENDS, DEVICE, make_inputs, ref_loss_and_grad, rel_err
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = CORE_BACKENDS
 
 
 def loss_and_grad(backend, s, t, labels, **kw):

@@ -5,10 +5,10 @@ import torch
 
 import renio_kernels as rk
 from renio_kernels import reference
-from tests.helpers import DEVICE, make_inputs, rel_err
+from tests.helpers import CORE_BACKENDS, DEVICE, make_inputs, rel_err
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
 def test_ema_across_calls_matches_reference(backend):
     module = rk.ReNIOLoss(weight_norm="ema", threshold=0.1, backend=backend)
     ema_ref = None

@@ -25,7 +25,10 @@ from .params import DivergenceParams, RowStats
 
 __all__ = ["load_extension", "extension_error", "renio_fwd_cpu", "renio_bwd_cpu", "build_flags"]
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# A source checkout (or editable install) compiles the repository's csrc/; a built wheel carries a
+# copy in renio_kernels/_csrc (setup.py).
+_PACKAGED = Path(__file__).resolve().parents[1] / "_csrc"
+CSRC = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("renio_cpu.cpp",)
 HEADERS = ("renio_cpu_math.h",)
 _LIBRARY = "renio_kernels_cpu"
