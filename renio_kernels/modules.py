@@ -8,16 +8,15 @@ from torch import nn
 from .loss import renio_loss, sampled_reverse_kl_loss
 from .weights import ReNIOOptions
 
-__all__ = ["ReNIOLoss", "SampledReverseKLLoss"]
+__all__ = ["ReNIOLoss", "ReNIOModuleBase", "SampledReverseKLLoss"]
 
 
-class ReNIOLoss(nn.Module):
-    """The ReNIO loss as a module: ``loss = ReNIOLoss(beta=0.5)(student, teacher, labels)``.
+class ReNIOModuleBase(nn.Module):
+    """Options and the ``"ema"`` running mean shared by the ReNIO loss modules.
 
-    Takes every option of :func:`renio_kernels.renio_loss`. With ``weight_norm="ema"`` the running
-    mean of the batch means lives in the ``ema_mean`` buffer (NaN until the first training call),
-    so it follows ``.to(device)`` and survives ``state_dict()`` round trips. In ``eval()`` mode the
-    running mean is used but not advanced.
+    With ``weight_norm="ema"`` the running mean of the batch means lives in the ``ema_mean``
+    buffer (NaN until the first training call), so it follows ``.to(device)`` and survives
+    ``state_dict()`` round trips. In ``eval()`` mode the running mean is used but not advanced.
     """
 
     ema_mean: torch.Tensor
@@ -59,6 +58,18 @@ class ReNIOLoss(nn.Module):
         """The state handed to the loss: the buffer itself when training, a copy in eval mode."""
         return self.ema_mean if self.training else self.ema_mean.clone()
 
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self.options).items())
+        return f"{opts}, backend={self.backend!r}"
+
+
+class ReNIOLoss(ReNIOModuleBase):
+    """The ReNIO loss as a module: ``loss = ReNIOLoss(beta=0.5)(student, teacher, labels)``.
+
+    Takes every option of :func:`renio_kernels.renio_loss`; see ``ReNIOModuleBase`` for the
+    ``"ema"`` state.
+    """
+
     def forward(
         self,
         student_logits: torch.Tensor,
@@ -75,10 +86,6 @@ class ReNIOLoss(nn.Module):
             ema_state=self.ema_state(),
             check_labels=self.check_labels,
         )
-
-    def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self.options).items())
-        return f"{opts}, backend={self.backend!r}"
 
 
 class SampledReverseKLLoss(nn.Module):
