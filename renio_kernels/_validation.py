@@ -96,3 +96,13 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -
             f"labels contain {first}, outside [0, {vocab}) and not ignore_index "
             f"({ignore_index}); mark padding/prompt positions with ignore_index"
         )
+
+
+def check_ema_state(weight_norm: str, use_renio: bool, ema_state, module: str) -> None:
+    """``weight_norm="ema"`` needs somewhere to keep its running mean."""
+    if weight_norm == "ema" and use_renio and ema_state is None:
+        raise ValueError(
+            f"weight_norm='ema' keeps a running mean across calls: use "
+            f"renio_kernels.{module}(weight_norm='ema'), or pass "
+            "ema_state=torch.full((), float('nan')) and keep it between calls"
+        )

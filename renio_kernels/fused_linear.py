@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from ._validation import (
+    check_ema_state,
     check_float,
     check_labels_in_range,
     check_labels_tensor,
@@ -432,12 +433,7 @@ def fused_linear_renio_loss(
         weight_norm=weight_norm,
         ignore_index=ignore_index,
     )
-    if weight_norm == "ema" and use_renio and ema_state is None:
-        raise ValueError(
-            "weight_norm='ema' keeps a running mean across calls: use "
-            "renio_kernels.FusedLinearReNIOLoss(weight_norm='ema'), or pass "
-            "ema_state=torch.full((), float('nan')) and keep it between calls"
-        )
+    check_ema_state(weight_norm, use_renio, ema_state, "FusedLinearReNIOLoss")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_labels_in_range, check_logits_inputs, last_dim_contiguous
+from ._validation import (
+    check_ema_state,
+    check_labels_in_range,
+    check_logits_inputs,
+    last_dim_contiguous,
+)
 from .autograd import RowStatsFunction
 from .backends import BACKENDS, resolve_backend
 from .custom_ops import check_labels_async, row_stats_op, traced_options
@@ -125,12 +130,7 @@ def renio_loss(
         weight_norm=weight_norm,
         ignore_index=ignore_index,
     )
-    if weight_norm == "ema" and use_renio and ema_state is None:
-        raise ValueError(
-            "weight_norm='ema' keeps a running mean across calls: use "
-            "renio_kernels.ReNIOLoss(weight_norm='ema'), or pass "
-            "ema_state=torch.full((), float('nan')) and keep it between calls"
-        )
+    check_ema_state(weight_norm, use_renio, ema_state, "ReNIOLoss")
     params = params_from_options(opts)
     d, ls_x, lt_x = row_stats(
         student_logits,
