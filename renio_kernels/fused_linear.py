@@ -312,6 +312,14 @@ class FusedLinearDirectFunction(torch.autograd.Function):
         )
 
 
+def _is_dtensor(x: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor  # noqa: PLC0415
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
 def _check_side(side: str, hidden, weight, bias, batch_seq: tuple[int, int] | None) -> None:
     names = (f"{side}_hidden", f"{side}_weight", f"{side}_bias")
     for name, x in zip(names, (hidden, weight, bias), strict=True):
@@ -320,6 +328,13 @@ def _check_side(side: str, hidden, weight, bias, batch_seq: tuple[int, int] | No
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         check_float(name, x)
+        if _is_dtensor(x):
+            # An FSDP2 / tensor-parallel shard would silently score a slice of the vocabulary.
+            raise ValueError(
+                f"{name} is a sharded DTensor ({type(x).__name__}); pass the full tensor "
+                f"({name}.full_tensor(), or gather it under FSDP/ZeRO-3), or use "
+                "renio_kernels.integrations.hf, which gathers the lm_head for you"
+            )
     if hidden.dim() != 3:
         raise ValueError(
             f"{names[0]} must be (B, T, H), got shape {tuple(hidden.shape)}; for flat (N, H) "

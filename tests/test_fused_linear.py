@@ -470,3 +470,28 @@ def test_teacher_in_another_dtype():
     out, grads = run_fused(h_s, w_s, b_s, h_t, w_t, b_t, labels, backend="torch", chunk_size=4)
     ref_out, ref_grads = ref_fused(h_s, w_s, b_s, h_t, w_t, b_t, labels)
     assert_close(out, grads, ref_out, ref_grads)
+
+
+def test_sharded_dtensor_weight_is_rejected(tmp_path):
+    """An FSDP2-style sharded lm_head must not silently score a slice of the vocabulary."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import renio_kernels as rk
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = distribute_tensor(torch.randn(11, 8), mesh, [Shard(0)])
+        h = torch.randn(2, 3, 8)
+        labels = torch.randint(0, 11, (2, 3))
+        with pytest.raises(ValueError, match="student_weight is a sharded DTensor"):
+            rk.fused_linear_renio_loss(h, w, h, torch.randn(11, 8), labels, backend="torch")
+    finally:
+        if created:
+            dist.destroy_process_group()
