@@ -1,4 +1,4 @@
-"""``make demo`` until the training script lands: the loss on random large-vocabulary logits.
+"""``python -m renio_kernels.demo``: the bare loss on random large-vocabulary logits.
 
 Prints the loss, the ReNIO weights, the time and the peak extra memory of one forward+backward,
 next to the same numbers for the reference (the paper trainer's eager code path).
