@@ -164,21 +164,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     chunk = plan_chunk_rows(args.tokens, args.vocab, args.hidden, args.hidden, torch.device("cpu"))
     weight_mib = args.vocab * args.hidden * 4 / MIB
+    from renio_kernels.backends import resolve_backend  # noqa: PLC0415
+
+    row_kernels = resolve_backend("auto", torch.device("cpu")).name
     lines = [
         "# Fused-linear ReNIO loss: peak extra memory of one forward+backward",
         "",
         f"Machine: {machine()}.",
         "",
         f"fp32, V = {args.vocab}, Hs = Ht = {args.hidden}, T = {args.seq}, token_clip = 0.05, "
-        f"beta = 0 (defaults otherwise), backend auto (torch on CPU); automatic chunk = {chunk} "
+        f"beta = 0 (defaults otherwise), backend auto ({row_kernels} row kernels on CPU); "
+        f"automatic chunk = {chunk} "
         f"tokens at B*T = {args.tokens}. Measured with `renio_kernels.memory.peak_extra_bytes` "
         "(resident set size sampled every 1 ms: a lower bound within one sampling interval; "
         "glibc's mmap threshold pinned at 128 KiB so freed tensors leave the RSS, and one "
         "untimed small call of each path first). "
         "Inputs are allocated before each measurement; the student hidden-state and weight "
         f"gradients are counted (the weight gradient alone is {weight_mib:.0f} MiB). "
-        "One run per row; wall times are from that run on a shared machine (noisy, informative "
-        "only). Produced by `python benchmarks/fused_linear_memory.py`.",
+        "One run per row; wall times are from that run (informative only: they include the "
+        "pinned threshold's page faults). Produced by `python benchmarks/fused_linear_memory.py`.",
         "",
         "| path | B*T | peak extra (MiB) | x one (B*T, V) fp32 tensor | that tensor (MiB) | "
         "wall (s) |",
