@@ -281,7 +281,7 @@ class ReNIOTrainerMixin:
     """``compute_loss`` for a ``transformers.Trainer`` subclass::
 
         class DistillTrainer(ReNIOTrainerMixin, Trainer):
-            pass
+            ...
 
         trainer = DistillTrainer(model=student, args=TrainingArguments(...,
                                  remove_unused_columns=False), train_dataset=...)
