@@ -74,7 +74,7 @@ def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
     a = torch.ones((1, 1), dtype=dtype, device=device)
     try:
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+    except (RuntimeError, TypeError):  # an unimplemented overload raises a RuntimeError subclass
         return False
 
 
