@@ -280,30 +280,13 @@ def fused_linear_fwd(
 ) -> _Linear:
     """``(d, ls_x, lt_x)`` (B, T) fp32, ``unit_h`` (B*T, Hs) fp32 (``u @ Ws`` per token, empty
     without want_h) and ``(lse_s, lse_t, C)`` stacked (3, B*T) (empty without want_w/want_b)."""
-    from .fused_linear import _flat, _no_autocast, _sides, _stats_sweep  # noqa: PLC0415
-    from .ops.linear_chunks import GradBuffers  # noqa: PLC0415
+    from .fused_linear import _flat, forward_sweep  # noqa: PLC0415
 
     want = (want_h, want_w, want_b)
     plan = _linear_plan(h_s, w_s, h_t, labels, beta, temperature, token_clip, ignore_index,
                         backend, chunk_size, want)  # fmt: skip
-    flat_s, flat_t, flat_labels = _flat(h_s), _flat(h_t), labels.reshape(-1)
     empty = h_s.new_empty((0,), dtype=torch.float32)
-    unit = GradBuffers(
-        torch.empty(flat_s.shape, dtype=torch.float32, device=h_s.device) if want_h else None,
-        None,
-        None,
-    )
-    with _no_autocast(h_s.device):
-        student, teacher = _sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
-        out = _stats_sweep(
-            student,
-            teacher,
-            flat_labels,
-            plan,
-            store_c=any(want),
-            grad_scale=torch.ones_like(flat_labels, dtype=torch.float32) if want_h else None,
-            grads=unit,
-        )
+    out, unit = forward_sweep(_flat(h_s), w_s, b_s, _flat(h_t), w_t, b_t, labels.reshape(-1), plan)
     lse_s, lse_t, ls_x, lt_x, d, c = out.unbind(0)
     stats = torch.stack((lse_s, lse_t, c)) if want_w or want_b else empty
     rows = (x.reshape(labels.shape).clone() for x in (d, ls_x, lt_x))

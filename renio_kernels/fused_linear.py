@@ -191,6 +191,31 @@ def _grad_sweep(
         del g
 
 
+def forward_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, plan: SweepPlan):
+    """The forward sweep over token chunks: stacked per-row stats ``(6, N)`` and the buffers
+    holding ``u @ Ws`` per token when ``plan.want`` asks for grad_hidden (scaled by ``dL/dd`` in
+    the backward; see the module docstring). Shared by the autograd Function and the custom op.
+    """
+    want_h = plan.want[0]
+    unit = GradBuffers(
+        torch.empty(flat_s.shape, dtype=torch.float32, device=flat_s.device) if want_h else None,
+        None,
+        None,
+    )
+    with _no_autocast(flat_s.device):
+        student, teacher = _sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
+        out = _stats_sweep(
+            student,
+            teacher,
+            flat_labels,
+            plan,
+            store_c=any(plan.want),
+            grad_scale=torch.ones_like(flat_labels, dtype=torch.float32) if want_h else None,
+            grads=unit,
+        )
+    return out, unit
+
+
 class FusedLinearRowStatsFunction(torch.autograd.Function):
     """``(hidden, weight, bias) x 2, labels -> d, ls[x], lt[x]`` (each (B, T) fp32), chunked.
 
@@ -205,24 +230,7 @@ class FusedLinearRowStatsFunction(torch.autograd.Function):
         batch_seq = labels.shape
         flat_s, flat_t, flat_labels = _flat(h_s), _flat(h_t), labels.reshape(-1)
         want_h, want_w, want_b = plan.want
-        # u @ Ws per token, scaled by dL/dd in the backward (see the module docstring).
-        unit = GradBuffers(
-            torch.empty(flat_s.shape, dtype=torch.float32, device=h_s.device) if want_h else None,
-            None,
-            None,
-        )
-        with _no_autocast(h_s.device):
-            student, teacher = _sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
-            out = _stats_sweep(
-                student,
-                teacher,
-                flat_labels,
-                plan,
-                store_c=any(plan.want),
-                grad_scale=torch.ones_like(flat_labels, dtype=torch.float32) if want_h else None,
-                grads=unit,
-            )
-        del student, teacher
+        out, unit = forward_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, plan)
         lse_s, lse_t, ls_x, lt_x, d, c = out.unbind(0)
         ctx.set_materialize_grads(False)
         ctx.plan, ctx.hidden_shape, ctx.hidden_dtype = plan, h_s.shape, h_s.dtype
