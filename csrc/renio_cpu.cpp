@@ -18,69 +18,23 @@
 // Rows are handed out to at::parallel_for's torch.get_num_threads() threads (for_each_row); a
 // row's sums always run in the same order on one thread, so results do not depend on the thread
 // count.
-#include "renio_cpu_math.h"
+#include "renio_cpu_pool.h"
+#include "renio_cpu_rows.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
-#include <algorithm>
-#include <atomic>
 #include <chrono>
-#include <cmath>
 #include <optional>
 #include <vector>
 
 namespace renio {
 namespace {
 
-struct RowAddr {
-  int64_t seq;
-  int64_t stride_b;
-  int64_t stride_t;
-  int64_t operator()(int64_t row) const {
-    const int64_t b = row / seq;
-    return b * stride_b + (row - b * seq) * stride_t;
-  }
-};
-
-RowAddr row_addr(const at::Tensor& x) { return {x.size(1), x.stride(0), x.stride(1)}; }
-
-int64_t label_at(const at::Tensor& labels, const RowAddr& addr, int64_t row) {
-  const int64_t off = addr(row);
-  if (labels.scalar_type() == at::kLong) return labels.const_data_ptr<int64_t>()[off];
-  return labels.const_data_ptr<int32_t>()[off];
-}
-
-const char* row_ptr(const at::Tensor& x, int64_t offset) {
-  return static_cast<const char*>(x.const_data_ptr()) + offset * x.element_size();
-}
-
 // Per-row forward results, in the order of the (6, B, T) output.
 struct RowOut {
   float lse_s = 0.0f, lse_t = 0.0f, ls_x = 0.0f, lt_x = 0.0f, d = 0.0f, c = 0.0f;
 };
-
-// Running (max, sum of exp(x - max)) of one row's logits, a tile at a time.
-// Within a tile, sums run in 16 (or 8) fp32 lanes over at most kTile / lanes terms; across tiles
-// they are carried in double, so a 262k-column row sums as accurately as a 2k-column one.
-struct OnlineLse {
-  float m = kNegInf;
-  double z = 0.0;
-  // A running max that is still -inf (an all -inf prefix) is replaced by 0, so exp(-inf - -inf)
-  // never makes a NaN; a NaN logit is invisible to the max but makes its exp, hence z, NaN.
-  static float safe(float m) { return m == kNegInf ? 0.0f : m; }
-  float lse() const { return safe(m) + static_cast<float>(std::log(z)); }
-};
-
-inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }
-
-const char* tile_ptr(const void* row, c10::ScalarType dtype, int64_t v0) {
-  return static_cast<const char*>(row) + v0 * c10::elementSize(dtype);
-}
 
 // Sweep 1 over both rows together: per tile, convert to fp32 (padded with -inf), take the tile
 // max, then add exp(x - max) into the running sums; two independent exp chains per step.
@@ -97,18 +51,14 @@ void row_logsumexps(const void* s, c10::ScalarType s_type, const void* t, c10::S
       ma = vmax(ma, Vec::loadu(a + i));
       mb = vmax(mb, Vec::loadu(b + i));
     }
-    const float new_ms = std::max(ls.m, reduce_max(ma));
-    const float new_mt = std::max(lt.m, reduce_max(mb));
-    const Vec safe_s(OnlineLse::safe(new_ms)), safe_t(OnlineLse::safe(new_mt));
+    const Vec safe_s(ls.advance(reduce_max(ma))), safe_t(lt.advance(reduce_max(mb)));
     Vec za(0.0f), zb(0.0f);
     for (int64_t i = 0; i < np; i += Vec::size()) {
       za += vexp(Vec::loadu(a + i) - safe_s);
       zb += vexp(Vec::loadu(b + i) - safe_t);
     }
-    ls.z = ls.z * std::exp(static_cast<double>(ls.m) - OnlineLse::safe(new_ms)) + reduce_sum(za);
-    lt.z = lt.z * std::exp(static_cast<double>(lt.m) - OnlineLse::safe(new_mt)) + reduce_sum(zb);
-    ls.m = new_ms;
-    lt.m = new_mt;
+    ls.add(reduce_sum(za));
+    lt.add(reduce_sum(zb));
   }
 }
 
@@ -149,30 +99,14 @@ void fwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
   out.c = static_cast<float>(c);
 }
 
-// Runs row_fn(row, scratch) for every row on torch.get_num_threads() threads. Rows are handed out
-// a few at a time from a shared counter rather than split in fixed halves, so a thread that the
-// OS deschedules (the machine is shared) or that meets many ignored rows does not hold up the
-// others. Which thread takes a row never changes how that row is summed.
-template <typename Scratch, typename F>
-void for_each_row(int64_t rows, int64_t vocab, const F& row_fn) {
-  const int64_t per_grab = std::max<int64_t>(1, 8 * kTile / std::max<int64_t>(vocab, 1));
-  const int64_t grabs = (rows + per_grab - 1) / per_grab;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), grabs);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
-    Scratch scratch;
-    for (int64_t r0; (r0 = next.fetch_add(per_grab)) < rows;) {
-      for (int64_t row = r0; row < std::min(rows, r0 + per_grab); ++row) row_fn(row, scratch);
-    }
-  });
-}
-
 struct FwdScratch {
+  explicit FwdScratch(int64_t) {}
   alignas(64) float a[kTile];
   alignas(64) float b[kTile];
 };
 
 struct BwdScratch {
+  explicit BwdScratch(int64_t) {}
   alignas(64) float a[kTile];
   alignas(64) float b[kTile];
   alignas(64) float g[kTile];
@@ -248,29 +182,13 @@ void bwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
   }
 }
 
-// The gradient is a fresh allocation, so each of its 4 KiB pages faults on first write. Asking the
-// kernel to map a row's pages in one call (MADV_POPULATE_WRITE, Linux >= 5.14; elsewhere a no-op)
-// costs the same zeroing but not a trap per page: 17% less backward CPU time at 152k columns on
-// the reference machine (a VM, where first touches are dear). Huge pages (MADV_HUGEPAGE) were
-// faster in steady state there but made a process's first call 2.5x slower and some later ones 2x
-// slower, so they are not used.
-void prefault_row(char* row, int64_t bytes) {
-#if defined(__linux__)
-  constexpr uintptr_t kPage = 4096;
-  constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, absent from older headers
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(row) + kPage - 1) & ~(kPage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(row) + bytes) & ~(kPage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, kPopulateWrite);
-#endif
-}
-
 template <int kBetaMode, bool kClip>
 struct BwdRows {
   static void run(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                   const DivParams& p, int64_t ignore_index, const at::Tensor& lse_s,
                   const at::Tensor& lse_t, const std::optional<at::Tensor>& c,
                   const std::optional<at::Tensor>& grad_d,
-                  const std::optional<at::Tensor>& grad_ls_x, at::Tensor& grad) {
+                  const std::optional<at::Tensor>& grad_ls_x, at::Tensor& grad, bool fresh) {
     const int64_t rows = student.size(0) * student.size(1);
     const int64_t vocab = student.size(2);
     const RowAddr s_addr = row_addr(student), t_addr = row_addr(teacher);
@@ -285,7 +203,7 @@ struct BwdRows {
     const int64_t row_bytes = vocab * grad.element_size();
     for_each_row<BwdScratch>(rows, vocab, [&](int64_t row, BwdScratch& sc) {
       char* grad_row = grad_base + row * row_bytes;
-      prefault_row(grad_row, row_bytes);
+      if (fresh) prefault_row(grad_row, row_bytes);
       const int64_t label = label_at(labels, l_addr, row);
       if (label == ignore_index) {
         std::memset(grad_row, 0, row_bytes);  // +0.0 in fp32, fp16 and bf16
@@ -301,47 +219,6 @@ struct BwdRows {
   }
 };
 using BwdFn = decltype(&BwdRows<0, false>::run);
-
-// Kernels are compiled per (beta mode, clip) pair so the inner loops carry no branches on them.
-template <typename Fn, template <int, bool> class Table>
-Fn pick(int64_t beta_mode, bool clip) {
-  TORCH_CHECK(beta_mode >= 0 && beta_mode <= 2, "renio cpu: beta_mode must be 0, 1 or 2");
-  static const Fn table[3][2] = {
-      {Table<kForwardKL, false>::run, Table<kForwardKL, true>::run},
-      {Table<kReverseKL, false>::run, Table<kReverseKL, true>::run},
-      {Table<kJSD, false>::run, Table<kJSD, true>::run},
-  };
-  return table[beta_mode][clip ? 1 : 0];
-}
-
-bool float_input(const at::Tensor& x) {
-  const auto st = x.scalar_type();
-  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
-}
-
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels) {
-  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3 && labels.dim() == 2,
-              "renio cpu: expected (B, T, V) logits and (B, T) labels");
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && labels.device().is_cpu(),
-              "renio cpu: tensors must be on the CPU");
-  TORCH_CHECK(teacher.size(0) == student.size(0) && teacher.size(1) == student.size(1) &&
-                  teacher.size(2) >= student.size(2),
-              "renio cpu: teacher must be (B, T, Vt >= Vs)");
-  TORCH_CHECK(labels.size(0) == student.size(0) && labels.size(1) == student.size(1),
-              "renio cpu: labels must be (B, T)");
-  TORCH_CHECK(student.stride(2) == 1 && teacher.stride(2) == 1,
-              "renio cpu: logits need a contiguous last dimension");
-  TORCH_CHECK(float_input(student) && float_input(teacher),
-              "renio cpu: logits must be float32, float16 or bfloat16");
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              "renio cpu: labels must be int64 or int32");
-}
-
-DivParams div_params(double inv_tau, double beta, double log_beta, double log_1m_beta,
-                     double clip) {
-  return {static_cast<float>(inv_tau), static_cast<float>(beta), static_cast<float>(log_beta),
-          static_cast<float>(log_1m_beta), static_cast<float>(clip)};
-}
 
 }  // namespace
 
@@ -376,10 +253,11 @@ at::Tensor renio_bwd(const at::Tensor& student, const at::Tensor& teacher, const
   TORCH_CHECK(row_vector(lse_s) && row_vector(lse_t) && row_vector(c) && row_vector(grad_d) &&
                   row_vector(grad_ls_x),
               "renio cpu: per-row tensors must be contiguous float32 (B, T)");
-  at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  bool fresh = false;
+  at::Tensor grad = empty_grad(student.sizes(), student.scalar_type(), &fresh);
   const DivParams p = div_params(inv_tau, beta, log_beta, log_1m_beta, token_clip);
   pick<BwdFn, BwdRows>(beta_mode, clip)(student, teacher, labels, p, ignore_index, lse_s, lse_t,
-                                         c, grad_d, grad_ls_x, grad);
+                                         c, grad_d, grad_ls_x, grad, fresh);
   return grad;
 }
 

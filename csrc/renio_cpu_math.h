@@ -108,23 +108,19 @@ inline Vec logaddexp(const Vec& x, const Vec& y) {
   return where(mx == Vec(kNegInf), mx, mx + vexp(mn - mx).log1p());
 }
 
-// e (clamped when kClip), de/dls (gated when kClip) and, when kNeedPs, ps, for one vector.
-template <int kBetaMode, bool kClip, bool kNeedPs>
-inline void divergence_terms(const Vec& ls, const Vec& lt, const DivParams& p, Vec& e, Vec& de,
-                             Vec& ps) {
+// e (clamped when kClip) and de/dls (gated when kClip) for one vector, from the log-probabilities
+// and the probabilities ps = exp(ls), pt = exp(lt) (beta == 0 reads no ps, beta == 1 no pt).
+template <int kBetaMode, bool kClip>
+inline void divergence_from_probs(const Vec& ls, const Vec& lt, const Vec& ps, const Vec& pt,
+                                  const DivParams& p, Vec& e, Vec& de) {
   if constexpr (kBetaMode == kForwardKL) {
-    const Vec pt = vexp(lt);
     e = guarded(pt, lt - ls);
     de = Vec(0.0f) - pt;
-    if constexpr (kNeedPs) ps = vexp(ls);
   } else if constexpr (kBetaMode == kReverseKL) {
-    ps = vexp(ls);
     const Vec diff = (ps != Vec(0.0f)) & (ls - lt);
     e = ps * diff;
     de = ps * (diff + Vec(1.0f));
   } else {
-    ps = vexp(ls);
-    const Vec pt = vexp(lt);
     const Vec log_m = logaddexp(ls + Vec(p.log_1m_beta), lt + Vec(p.log_beta));
     const Vec s_term = guarded(ps, ls - log_m);
     e = at::vec::fmadd(Vec(p.beta), guarded(pt, lt - log_m), Vec(1.0f - p.beta) * s_term);
@@ -143,6 +139,16 @@ inline void divergence_terms(const Vec& ls, const Vec& lt, const DivParams& p, V
     }
     e = clamped;
   }
+}
+
+// e, de/dls and, when kNeedPs, ps for one vector, evaluating only the exps the mode needs.
+template <int kBetaMode, bool kClip, bool kNeedPs>
+inline void divergence_terms(const Vec& ls, const Vec& lt, const DivParams& p, Vec& e, Vec& de,
+                             Vec& ps) {
+  constexpr bool kPs = kNeedPs || kBetaMode != kForwardKL;
+  if constexpr (kPs) ps = vexp(ls);
+  const Vec pt = kBetaMode == kReverseKL ? Vec(0.0f) : vexp(lt);
+  divergence_from_probs<kBetaMode, kClip>(ls, lt, kPs ? ps : Vec(0.0f), pt, p, e, de);
 }
 
 // Lane max; the callers keep NaN out of the running max (a NaN logit shows up in its exp instead).

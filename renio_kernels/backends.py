@@ -26,6 +26,10 @@ class RowBackend:
     name: str
     fwd: Callable
     bwd: Callable
+    # Optional: a forward that also returns the unit-scale gradient through d, and the in-place
+    # row scaling that finishes it in the backward (the native CPU kernel has both).
+    fwd_grad: Callable | None = None
+    scale_grad: Callable | None = None
 
 
 def _triton_backend() -> RowBackend:
@@ -47,7 +51,9 @@ def _cpu_backend() -> RowBackend | None:
 
     if cpu.load_extension() is None:
         return None
-    return RowBackend("cpu", cpu.renio_fwd_cpu, cpu.renio_bwd_cpu)
+    return RowBackend(
+        "cpu", cpu.renio_fwd_cpu, cpu.renio_bwd_cpu, cpu.renio_fwd_grad_cpu, cpu.renio_scale_grad_cpu
+    )
 
 
 def triton_available() -> bool:

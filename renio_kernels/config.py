@@ -15,6 +15,7 @@ __all__ = [
     "TORCH_CHUNK_ELEMENTS",
     "FUSED_LINEAR_CHUNK_ELEMENTS",
     "FUSED_LINEAR_MIN_ROWS",
+    "CPU_GRAD_IN_FORWARD",
     "interpreting",
 ]
 
@@ -44,6 +45,13 @@ TORCH_CHUNK_ELEMENTS = 1 << 21
 FUSED_LINEAR_CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
 # Fewer rows than this make the chunk GEMMs bandwidth-bound on the weight, whatever the budget says.
 FUSED_LINEAR_MIN_ROWS = 16
+
+# The native CPU kernel forms the gradient through the divergence at unit scale in the forward,
+# while each row is in cache, when a backward can follow; the backward only scales it. 2 exps per
+# logit instead of 5 and 5 logits' worth of DRAM traffic instead of 7 (csrc/renio_cpu_grad.cpp),
+# at the same peak memory (the gradient is allocated in the forward instead of the backward).
+# False gives the recompute-in-backward kernels, as on the other backends.
+CPU_GRAD_IN_FORWARD = True
 
 
 def interpreting() -> bool:

@@ -23,14 +23,25 @@ import torch
 
 from .params import DivergenceParams, RowStats
 
-__all__ = ["load_extension", "extension_error", "renio_fwd_cpu", "renio_bwd_cpu", "build_flags"]
+__all__ = [
+    "load_extension",
+    "extension_error",
+    "renio_fwd_cpu",
+    "renio_bwd_cpu",
+    "renio_fwd_grad_cpu",
+    "renio_scale_grad_cpu",
+    "grad_cache_info",
+    "empty_grad_cache",
+    "set_grad_cache",
+    "build_flags",
+]
 
 # A source checkout (or editable install) compiles the repository's csrc/; a built wheel carries a
 # copy in renio_kernels/_csrc (setup.py).
 _PACKAGED = Path(__file__).resolve().parents[1] / "_csrc"
 CSRC = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("renio_cpu.cpp",)
-HEADERS = ("renio_cpu_math.h",)
+SOURCES = ("renio_cpu.cpp", "renio_cpu_grad.cpp", "renio_cpu_pool.cpp")
+HEADERS = ("renio_cpu_math.h", "renio_cpu_rows.h", "renio_cpu_pool.h")
 _LIBRARY = "renio_kernels_cpu"
 
 # The flags torch's own kernels use for each capability; Sleef's matching routines are exported
@@ -175,3 +186,53 @@ def renio_bwd_cpu(
         rows(grad_ls_x),
         *_scalars(params),
     )
+
+
+def renio_fwd_grad_cpu(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    params: DivergenceParams,
+) -> tuple[RowStats, torch.Tensor]:
+    """Row statistics (with ``d`` and ``C``) and the unit-scale gradient ``u = (c - ps C) / tau``.
+
+    ``u`` is ``(B, T, Vs)`` in the student's dtype, zero on ignored rows; ``dL/dd * u`` is the
+    gradient of a loss through ``d`` (``renio_scale_grad_cpu`` applies the scale in place).
+    """
+    assert student.dim() == 3 and teacher.dim() == 3 and labels.dim() == 2
+    assert student.stride(-1) == 1 and teacher.stride(-1) == 1
+    out, unit = _ops().renio_fwd_grad(student, teacher, labels, *_scalars(params))
+    lse_s, lse_t, ls_x, lt_x, d, c = out.unbind(0)
+    return RowStats(lse_s, lse_t, ls_x, lt_x, d, c), unit
+
+
+def renio_scale_grad_cpu(
+    grad: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """``grad[b, t, :] *= scale[b, t]`` in place (ignored rows untouched); returns ``grad``."""
+    assert grad.dim() == 3 and grad.is_contiguous()
+    _ops().renio_scale_grad(grad, scale.float().contiguous(), labels, int(ignore_index))
+    return grad
+
+
+def grad_cache_info() -> dict[str, int | bool]:
+    """State of the native kernels' gradient-buffer cache (``csrc/renio_cpu_pool.h``)."""
+    enabled, cached_bytes, buffers, reuses, allocations = _ops().grad_cache_info()
+    return {
+        "enabled": bool(enabled),
+        "cached_bytes": cached_bytes,
+        "cached_buffers": buffers,
+        "reuses": reuses,
+        "allocations": allocations,
+    }
+
+
+def empty_grad_cache() -> None:
+    """Return the cached gradient buffers to the OS (no-op when the extension is not built)."""
+    if load_extension() is not None:
+        _ops().grad_cache_empty()
+
+
+def set_grad_cache(enabled: bool) -> bool:
+    """Turn the gradient-buffer cache on or off (off also empties it); returns the old setting."""
+    return bool(_ops().grad_cache_set_enabled(bool(enabled)))

@@ -1,0 +1,265 @@
+// The forward that also forms each row's gradient at unit scale, and the backward that scales it:
+// the native CPU path of an eager renio_loss(...).backward().
+//
+// The gradient of the loss w.r.t. a student row is gd * u with u_j = (c_j - ps_j C) / tau (SPEC,
+// "Gradient") and gd = dL/dd, a per-row scalar known only once every row's forward has run (the
+// sequence weights) and grad_output arrives. u itself is row-local, so the forward writes it while
+// the row is still in cache, and the backward is a streaming multiply by gd. Per row, in tiles of
+// kTile columns:
+//   sweep 1 (reads the logits from DRAM): a = student / tau, b = teacher[:, :Vs] / tau; per tile,
+//            the running max m_k and es = exp(a - m_k), et = exp(b - m_k') stored into per-thread
+//            fp32 scratch rows; online sums give lse_s and lse_t. Per tile the factor
+//            f_k = exp(m_k - max) / z turns a stored exp into a probability: ps = es * f_k.
+//   sweep 2 (logits and scratch from L2/L3): ls, lt, ps, pt, the clamped terms e_v and c_v;
+//            d = sum e_v, C = sum c_v; c_v overwrites et.
+//   sweep 3: u = c / tau - es * (f_k C / tau), written in the student's dtype.
+// That is 2 exps per logit (the log-sum-exps' own exps are reused as probabilities) against 5 for
+// renio_fwd + renio_bwd, and 5 logits' worth of DRAM traffic (read student and teacher, write u;
+// backward: read and write u), the floor for a gradient whose scale comes after the forward.
+// The memory is the gradient's, allocated in the forward instead of the backward.
+//
+// Ignored rows get zero stats and a zero gradient. Results do not depend on the thread count.
+#include "renio_cpu_pool.h"
+#include "renio_cpu_rows.h"
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+namespace renio {
+namespace {
+
+int64_t tiles(int64_t vocab) { return (vocab + kTile - 1) / kTile; }
+
+struct GradScratch {
+  explicit GradScratch(int64_t vocab)
+      : es(padded(vocab)), et(padded(vocab)), fs(tiles(vocab)), ft(tiles(vocab)) {}
+  std::vector<float> es, et;  // exp(x - m_k) per column after sweep 1; et holds c_v after sweep 2
+  std::vector<float> fs, ft;  // per tile: exp(m_k - max) / z
+  alignas(64) float a[kTile];
+  alignas(64) float b[kTile];
+  alignas(64) float g[kTile];
+};
+
+// Sweep 1 for one side: es[v] = exp(x_v - m_k), f[k] = m_k for now; returns the log-sum-exp.
+float exp_sweep(const void* x, c10::ScalarType type, int64_t vocab, float inv_tau, float* ex,
+                float* f) {
+  OnlineLse lse;
+  for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
+    const int64_t n = std::min(kTile, vocab - v0);
+    const int64_t np = padded(n);
+    float* e = ex + v0;
+    load_tile(tile_ptr(x, type, v0), type, n, inv_tau, e);
+    Vec m(kNegInf);
+    for (int64_t i = 0; i < np; i += Vec::size()) m = vmax(m, Vec::loadu(e + i));
+    const float mk = lse.advance(reduce_max(m));
+    const Vec vm(mk);
+    Vec z(0.0f);
+    for (int64_t i = 0; i < np; i += Vec::size()) {
+      const Vec ei = vexp(Vec::loadu(e + i) - vm);
+      ei.store(e + i);
+      z += ei;
+    }
+    lse.add(reduce_sum(z));
+    f[k] = mk;
+  }
+  // exp(m_k - max) / z, in double: z carries the row's whole sum.
+  const double m_final = OnlineLse::safe(lse.m);
+  for (int64_t k = 0; k < tiles(vocab); ++k) {
+    f[k] = static_cast<float>(std::exp(static_cast<double>(f[k]) - m_final) / lse.z);
+  }
+  return lse.lse();
+}
+
+struct RowStatsOut {
+  float lse_s = 0.0f, lse_t = 0.0f, ls_x = 0.0f, lt_x = 0.0f, d = 0.0f, c = 0.0f;
+};
+
+template <int kBetaMode, bool kClip>
+void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarType t_type,
+                  int64_t vocab, int64_t label, const DivParams& p, RowStatsOut& out, void* grad,
+                  GradScratch& sc) {
+  float* es = sc.es.data();
+  float* et = sc.et.data();
+  out.lse_s = exp_sweep(s, s_type, vocab, p.inv_tau, es, sc.fs.data());
+  out.lse_t = exp_sweep(t, t_type, vocab, p.inv_tau, et, sc.ft.data());
+  // An out-of-range label (only possible with check_labels=False) poisons the row.
+  const bool ok = label >= 0 && label < vocab;
+  out.ls_x = (ok ? load_scalar(s, s_type, label) : kNaN) * p.inv_tau - out.lse_s;
+  out.lt_x = (ok ? load_scalar(t, t_type, label) : kNaN) * p.inv_tau - out.lse_t;
+
+  // Sweep 2. Padded lanes hold -inf logits and 0 exps, so their terms are exactly 0.
+  const Vec vlse_s(out.lse_s), vlse_t(out.lse_t);
+  double d = 0.0, c = 0.0;
+  Vec e, de;
+  for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
+    const int64_t n = std::min(kTile, vocab - v0);
+    load_tile(tile_ptr(s, s_type, v0), s_type, n, p.inv_tau, sc.a);
+    load_tile(tile_ptr(t, t_type, v0), t_type, n, p.inv_tau, sc.b);
+    const Vec fs(sc.fs[k]), ft(sc.ft[k]);
+    Vec d_acc(0.0f), c_acc(0.0f);
+    for (int64_t i = 0; i < padded(n); i += Vec::size()) {
+      const Vec ps = Vec::loadu(es + v0 + i) * fs;
+      const Vec pt = Vec::loadu(et + v0 + i) * ft;
+      divergence_from_probs<kBetaMode, kClip>(Vec::loadu(sc.a + i) - vlse_s,
+                                              Vec::loadu(sc.b + i) - vlse_t, ps, pt, p, e, de);
+      d_acc += e;
+      c_acc += de;
+      de.store(et + v0 + i);
+    }
+    d += reduce_sum(d_acc);
+    c += reduce_sum(c_acc);
+  }
+  // An out-of-range label poisons d too, so the loss turns NaN instead of dropping the token.
+  out.d = ok ? static_cast<float>(d) : kNaN;
+  out.c = static_cast<float>(c);
+
+  // Sweep 3: u = c_v / tau - ps (C / tau).
+  const bool direct = s_type == c10::ScalarType::Float;
+  const Vec inv_tau(p.inv_tau);
+  for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
+    const int64_t n = std::min(kTile, vocab - v0);
+    const int64_t full = n / Vec::size() * Vec::size();
+    float* g = direct ? static_cast<float*>(grad) + v0 : sc.g;
+    const Vec kps(sc.fs[k] * out.c * p.inv_tau);
+    auto lanes = [&](int64_t i, int64_t count) {
+      const Vec u = at::vec::fnmadd(Vec::loadu(es + v0 + i), kps, Vec::loadu(et + v0 + i) * inv_tau);
+      if (count == Vec::size()) {
+        u.store(g + i);
+      } else {
+        u.store(g + i, count);
+      }
+    };
+    for (int64_t i = 0; i < full; i += Vec::size()) lanes(i, Vec::size());
+    if (full < n) lanes(full, n - full);
+    if (!direct) store_tile(g, n, s_type, static_cast<char*>(grad) + v0 * c10::elementSize(s_type));
+  }
+}
+
+template <int kBetaMode, bool kClip>
+struct FwdGradRows {
+  static void run(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                  const DivParams& p, int64_t ignore_index, at::Tensor& out, at::Tensor& grad,
+                  bool fresh) {
+    const int64_t rows = student.size(0) * student.size(1);
+    const int64_t vocab = student.size(2);
+    const RowAddr s_addr = row_addr(student), t_addr = row_addr(teacher);
+    const RowAddr l_addr = row_addr(labels);
+    float* o = out.mutable_data_ptr<float>();
+    char* grad_base = static_cast<char*>(grad.mutable_data_ptr());
+    const int64_t row_bytes = vocab * grad.element_size();
+    for_each_row<GradScratch>(rows, vocab, [&](int64_t row, GradScratch& sc) {
+      char* grad_row = grad_base + row * row_bytes;
+      if (fresh) prefault_row(grad_row, row_bytes);
+      RowStatsOut r;
+      const int64_t label = label_at(labels, l_addr, row);
+      if (label == ignore_index) {
+        std::memset(grad_row, 0, row_bytes);  // +0.0 in fp32, fp16 and bf16
+      } else {
+        fwd_grad_row<kBetaMode, kClip>(row_ptr(student, s_addr(row)), student.scalar_type(),
+                                       row_ptr(teacher, t_addr(row)), teacher.scalar_type(), vocab,
+                                       label, p, r, grad_row, sc);
+      }
+      o[0 * rows + row] = r.lse_s;
+      o[1 * rows + row] = r.lse_t;
+      o[2 * rows + row] = r.ls_x;
+      o[3 * rows + row] = r.lt_x;
+      o[4 * rows + row] = r.d;
+      o[5 * rows + row] = r.c;
+    });
+  }
+};
+using FwdGradFn = decltype(&FwdGradRows<0, false>::run);
+
+struct NoScratch {
+  explicit NoScratch(int64_t) {}
+};
+
+template <typename scalar_t>
+void scale_row(scalar_t* g, int64_t n, float k) {
+  const Vec vk(k);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(g + i) * vk).store(g + i);
+  } else {
+    using HVec = at::vec::Vectorized<scalar_t>;
+    for (; i + HVec::size() <= n; i += HVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(HVec::loadu(g + i));
+      at::vec::convert_from_float<scalar_t>(lo * vk, hi * vk).store(g + i);
+    }
+  }
+  for (; i < n; ++i) g[i] = static_cast<scalar_t>(static_cast<float>(g[i]) * k);
+}
+
+}  // namespace
+
+// ((6, B, T) fp32 stats as renio_fwd with the divergence and C, (B, T, Vs) unit-scale gradient u
+// in the student's dtype).
+std::tuple<at::Tensor, at::Tensor> renio_fwd_grad(const at::Tensor& student,
+                                                  const at::Tensor& teacher,
+                                                  const at::Tensor& labels, double inv_tau,
+                                                  double beta, double log_beta,
+                                                  double log_1m_beta, double token_clip,
+                                                  int64_t beta_mode, bool clip,
+                                                  int64_t ignore_index) {
+  check_inputs(student, teacher, labels);
+  at::Tensor out =
+      at::empty({6, student.size(0), student.size(1)}, student.options().dtype(at::kFloat));
+  bool fresh = false;
+  at::Tensor grad = empty_grad(student.sizes(), student.scalar_type(), &fresh);
+  const DivParams p = div_params(inv_tau, beta, log_beta, log_1m_beta, token_clip);
+  pick<FwdGradFn, FwdGradRows>(beta_mode, clip)(student, teacher, labels, p, ignore_index, out,
+                                                 grad, fresh);
+  return {out, grad};
+}
+
+// grad[b, t, :] *= scale[b, t] in place, rows with labels == ignore_index left as they are (zero).
+void renio_scale_grad(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& labels,
+                      int64_t ignore_index) {
+  TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous() && grad.device().is_cpu() &&
+                  float_input(grad),
+              "renio cpu: the gradient must be a contiguous (B, T, V) float CPU tensor");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == grad.size(0) * grad.size(1),
+              "renio cpu: the row scales must be contiguous float32 (B, T)");
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == grad.size(0) &&
+                  labels.size(1) == grad.size(1) &&
+                  (labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt),
+              "renio cpu: labels must be int64 or int32 (B, T)");
+  const int64_t rows = grad.size(0) * grad.size(1);
+  const int64_t vocab = grad.size(2);
+  const RowAddr l_addr = row_addr(labels);
+  const float* k = scale.const_data_ptr<float>();
+  char* base = static_cast<char*>(grad.mutable_data_ptr());
+  const int64_t row_bytes = vocab * grad.element_size();
+  const c10::ScalarType dtype = grad.scalar_type();
+  for_each_row<NoScratch>(rows, vocab, [&](int64_t row, NoScratch&) {
+    if (label_at(labels, l_addr, row) == ignore_index) return;
+    void* g = base + row * row_bytes;
+    switch (dtype) {
+      case c10::ScalarType::Float:
+        return scale_row(static_cast<float*>(g), vocab, k[row]);
+      case c10::ScalarType::Half:
+        return scale_row(static_cast<c10::Half*>(g), vocab, k[row]);
+      default:
+        return scale_row(static_cast<c10::BFloat16*>(g), vocab, k[row]);
+    }
+  });
+}
+
+}  // namespace renio
+
+TORCH_LIBRARY_FRAGMENT(renio_kernels_cpu, m) {
+  m.def(
+      "renio_fwd_grad(Tensor student, Tensor teacher, Tensor labels, float inv_tau, float beta, "
+      "float log_beta, float log_1m_beta, float token_clip, int beta_mode, bool clip, "
+      "int ignore_index) -> (Tensor, Tensor)");
+  m.def("renio_scale_grad(Tensor(a!) grad, Tensor scale, Tensor labels, int ignore_index) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(renio_kernels_cpu, CPU, m) {
+  m.impl("renio_fwd_grad", &renio::renio_fwd_grad);
+  m.impl("renio_scale_grad", &renio::renio_scale_grad);
+}
