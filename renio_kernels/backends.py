@@ -52,7 +52,11 @@ def _cpu_backend() -> RowBackend | None:
     if cpu.load_extension() is None:
         return None
     return RowBackend(
-        "cpu", cpu.renio_fwd_cpu, cpu.renio_bwd_cpu, cpu.renio_fwd_grad_cpu, cpu.renio_scale_grad_cpu
+        "cpu",
+        cpu.renio_fwd_cpu,
+        cpu.renio_bwd_cpu,
+        cpu.renio_fwd_grad_cpu,
+        cpu.renio_scale_grad_cpu,
     )
 
 
