@@ -43,22 +43,47 @@ struct GradScratch {
   alignas(64) float g[kTile];
 };
 
-// Sweep 1 for one side: es[v] = exp(x_v - m_k), f[k] = m_k for now; returns the log-sum-exp.
+// One tile of a row as fp32 lanes x * scale, padded with -inf to whole vectors: fp32 tiles of
+// whole vectors are read in place (scale = inv_tau, applied where the value is used); others are
+// converted into `stage` (scale = 1).
+struct TileView {
+  const float* x;
+  float scale;
+};
+
+inline TileView view_tile(const void* row, c10::ScalarType type, int64_t v0, int64_t n,
+                          float inv_tau, float* stage) {
+  if (type == c10::ScalarType::Float && n % Vec::size() == 0) {
+    return {static_cast<const float*>(row) + v0, inv_tau};
+  }
+  load_tile(tile_ptr(row, type, v0), type, n, inv_tau, stage);
+  return {stage, 1.0f};
+}
+
+inline void prefetch(const char* p) { __builtin_prefetch(p, 0, 3); }
+
+// Sweep 1 for one side: ex[v] = exp(x_v / tau - m_k), f[k] = exp(m_k - max) / z; returns the
+// log-sum-exp. The tile max is taken on the unscaled values (scale > 0 keeps the order).
 float exp_sweep(const void* x, c10::ScalarType type, int64_t vocab, float inv_tau, float* ex,
-                float* f) {
+                float* f, float* stage) {
   OnlineLse lse;
   for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
     const int64_t n = std::min(kTile, vocab - v0);
     const int64_t np = padded(n);
-    float* e = ex + v0;
-    load_tile(tile_ptr(x, type, v0), type, n, inv_tau, e);
+    const TileView tv = view_tile(x, type, v0, n, inv_tau, stage);
     Vec m(kNegInf);
-    for (int64_t i = 0; i < np; i += Vec::size()) m = vmax(m, Vec::loadu(e + i));
-    const float mk = lse.advance(reduce_max(m));
-    const Vec vm(mk);
+    for (int64_t i = 0; i < np; i += Vec::size()) m = vmax(m, Vec::loadu(tv.x + i));
+    const float mk = lse.advance(reduce_max(m) * tv.scale);
+    const Vec vm(mk), vscale(tv.scale);
     Vec z(0.0f);
+    float* e = ex + v0;
+    // The exps are compute-bound and the max pass above is bound by DRAM: without a hint the
+    // next tile is only requested once its max pass starts, so the two never overlap.
+    const char* next = tile_ptr(x, type, v0 + 4 * kTile);
+    const int64_t step = Vec::size() * static_cast<int64_t>(c10::elementSize(type));
     for (int64_t i = 0; i < np; i += Vec::size()) {
-      const Vec ei = vexp(Vec::loadu(e + i) - vm);
+      prefetch(next + i / Vec::size() * step);
+      const Vec ei = vexp(at::vec::fmsub(Vec::loadu(tv.x + i), vscale, vm));
       ei.store(e + i);
       z += ei;
     }
@@ -73,6 +98,28 @@ float exp_sweep(const void* x, c10::ScalarType type, int64_t vocab, float inv_ta
   return lse.lse();
 }
 
+// Stores the first `count` lanes of v at p; whole vectors at 64-byte aligned addresses bypass the
+// cache (the gradient is not read again before the backward, and a streaming store skips the
+// read-for-ownership of each line).
+inline void store_out(float* p, const Vec& v, int64_t count, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (stream && count == Vec::size()) return _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (stream && count == Vec::size()) return _mm256_stream_ps(p, v);
+#endif
+  if (count == Vec::size()) {
+    v.store(p);
+  } else {
+    v.store(p, count);
+  }
+}
+
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 struct RowStatsOut {
   float lse_s = 0.0f, lse_t = 0.0f, ls_x = 0.0f, lt_x = 0.0f, d = 0.0f, c = 0.0f;
 };
@@ -83,8 +130,8 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
                   GradScratch& sc) {
   float* es = sc.es.data();
   float* et = sc.et.data();
-  out.lse_s = exp_sweep(s, s_type, vocab, p.inv_tau, es, sc.fs.data());
-  out.lse_t = exp_sweep(t, t_type, vocab, p.inv_tau, et, sc.ft.data());
+  out.lse_s = exp_sweep(s, s_type, vocab, p.inv_tau, es, sc.fs.data(), sc.a);
+  out.lse_t = exp_sweep(t, t_type, vocab, p.inv_tau, et, sc.ft.data(), sc.b);
   // An out-of-range label (only possible with check_labels=False) poisons the row.
   const bool ok = label >= 0 && label < vocab;
   out.ls_x = (ok ? load_scalar(s, s_type, label) : kNaN) * p.inv_tau - out.lse_s;
@@ -96,15 +143,16 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
   Vec e, de;
   for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
     const int64_t n = std::min(kTile, vocab - v0);
-    load_tile(tile_ptr(s, s_type, v0), s_type, n, p.inv_tau, sc.a);
-    load_tile(tile_ptr(t, t_type, v0), t_type, n, p.inv_tau, sc.b);
-    const Vec fs(sc.fs[k]), ft(sc.ft[k]);
+    const TileView a = view_tile(s, s_type, v0, n, p.inv_tau, sc.a);
+    const TileView b = view_tile(t, t_type, v0, n, p.inv_tau, sc.b);
+    const Vec fs(sc.fs[k]), ft(sc.ft[k]), scale_a(a.scale), scale_b(b.scale);
     Vec d_acc(0.0f), c_acc(0.0f);
     for (int64_t i = 0; i < padded(n); i += Vec::size()) {
       const Vec ps = Vec::loadu(es + v0 + i) * fs;
       const Vec pt = Vec::loadu(et + v0 + i) * ft;
-      divergence_from_probs<kBetaMode, kClip>(Vec::loadu(sc.a + i) - vlse_s,
-                                              Vec::loadu(sc.b + i) - vlse_t, ps, pt, p, e, de);
+      const Vec ls = at::vec::fmsub(Vec::loadu(a.x + i), scale_a, vlse_s);
+      const Vec lt = at::vec::fmsub(Vec::loadu(b.x + i), scale_b, vlse_t);
+      divergence_from_probs<kBetaMode, kClip>(ls, lt, ps, pt, p, e, de);
       d_acc += e;
       c_acc += de;
       de.store(et + v0 + i);
@@ -118,6 +166,7 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
 
   // Sweep 3: u = c_v / tau - ps (C / tau).
   const bool direct = s_type == c10::ScalarType::Float;
+  const bool stream = direct && reinterpret_cast<uintptr_t>(grad) % 64 == 0;
   const Vec inv_tau(p.inv_tau);
   for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
     const int64_t n = std::min(kTile, vocab - v0);
@@ -125,17 +174,15 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
     float* g = direct ? static_cast<float*>(grad) + v0 : sc.g;
     const Vec kps(sc.fs[k] * out.c * p.inv_tau);
     auto lanes = [&](int64_t i, int64_t count) {
-      const Vec u = at::vec::fnmadd(Vec::loadu(es + v0 + i), kps, Vec::loadu(et + v0 + i) * inv_tau);
-      if (count == Vec::size()) {
-        u.store(g + i);
-      } else {
-        u.store(g + i, count);
-      }
+      const Vec u =
+          at::vec::fnmadd(Vec::loadu(es + v0 + i), kps, Vec::loadu(et + v0 + i) * inv_tau);
+      store_out(g + i, u, count, stream);
     };
     for (int64_t i = 0; i < full; i += Vec::size()) lanes(i, Vec::size());
     if (full < n) lanes(full, n - full);
     if (!direct) store_tile(g, n, s_type, static_cast<char*>(grad) + v0 * c10::elementSize(s_type));
   }
+  if (stream) store_fence();
 }
 
 template <int kBetaMode, bool kClip>
