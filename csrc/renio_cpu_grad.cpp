@@ -26,18 +26,34 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace renio {
 namespace {
 
+// Sweep 1 requests the logits this many tiles ahead (tuned on the reference machine: 1, 2, 4).
+constexpr int64_t kPrefetchTiles = 4;
+
 int64_t tiles(int64_t vocab) { return (vocab + kTile - 1) / kTile; }
 
-struct GradScratch {
-  explicit GradScratch(int64_t vocab)
+// One row's state between its sweeps: the stored exps and per-tile factors, then (after sweep 2)
+// c_v in et, C, and where sweep 3 writes u.
+struct RowBuf {
+  explicit RowBuf(int64_t vocab)
       : es(padded(vocab)), et(padded(vocab)), fs(tiles(vocab)), ft(tiles(vocab)) {}
-  std::vector<float> es, et;  // exp(x - m_k) per column after sweep 1; et holds c_v after sweep 2
-  std::vector<float> fs, ft;  // per tile: exp(m_k - max) / z
+  std::vector<float> es, et;  // exp(x - r_k) per column after sweep 1; et holds c_v after sweep 2
+  std::vector<float> fs, ft;  // per tile: exp(r_k - max) / z
+  void* grad = nullptr;       // the row's gradient while its sweep 3 is pending
+  float c = 0.0f;
+};
+
+// Sweep 3 of a row runs interleaved with sweep 1 of the thread's next row, a tile of each in turn:
+// sweep 3 only streams stores to DRAM and sweep 1 is mostly exps, so the two overlap instead of
+// the stores stalling a sweep of their own. Hence two RowBufs per thread.
+struct GradScratch {
+  explicit GradScratch(int64_t vocab) : cur(vocab), prev(vocab) {}
+  RowBuf cur, prev;
   alignas(64) float a[kTile];
   alignas(64) float b[kTile];
   alignas(64) float g[kTile];
@@ -60,37 +76,58 @@ inline TileView view_tile(const void* row, c10::ScalarType type, int64_t v0, int
   return {stage, 1.0f};
 }
 
-inline void prefetch(const char* p) { __builtin_prefetch(p, 0, 3); }
+// Sweep 1 for one side: ex[v] = exp(x_v / tau - r_k), f[k] = exp(r_k - max) / z; returns the
+// log-sum-exp. The reference r_k of tile k is the running max of the tiles before it (the first
+// non--inf tile takes its own max), so one pass both finds the tile's max and takes its exps. A
+// tile whose max exceeds r_k by more than kHeadroom (its exps could overflow) is redone against
+// its own max; on a row that rises steadily that is a few tiles, on most rows none.
+constexpr float kHeadroom = 64.0f;  // 2048 * e^64 is far below FLT_MAX
 
-// Sweep 1 for one side: ex[v] = exp(x_v / tau - m_k), f[k] = exp(m_k - max) / z; returns the
-// log-sum-exp. The tile max is taken on the unscaled values (scale > 0 keeps the order).
+template <typename OnTile>
 float exp_sweep(const void* x, c10::ScalarType type, int64_t vocab, float inv_tau, float* ex,
-                float* f, float* stage) {
+                float* f, float* stage, const OnTile& on_tile) {
   OnlineLse lse;
+  const int64_t step = Vec::size() * static_cast<int64_t>(c10::elementSize(type));
   for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
     const int64_t n = std::min(kTile, vocab - v0);
     const int64_t np = padded(n);
     const TileView tv = view_tile(x, type, v0, n, inv_tau, stage);
-    Vec m(kNegInf);
-    for (int64_t i = 0; i < np; i += Vec::size()) m = vmax(m, Vec::loadu(tv.x + i));
-    const float mk = lse.advance(reduce_max(m) * tv.scale);
-    const Vec vm(mk), vscale(tv.scale);
-    Vec z(0.0f);
+    const Vec vscale(tv.scale);
+    if (lse.m == kNegInf) {
+      Vec m(kNegInf);
+      for (int64_t i = 0; i < np; i += Vec::size()) m = vmax(m, Vec::loadu(tv.x + i));
+      lse.advance(reduce_max(m) * tv.scale);
+    }
+    float ref = OnlineLse::safe(lse.m);
     float* e = ex + v0;
-    // The exps are compute-bound and the max pass above is bound by DRAM: without a hint the
-    // next tile is only requested once its max pass starts, so the two never overlap.
-    const char* next = tile_ptr(x, type, v0 + 4 * kTile);
-    const int64_t step = Vec::size() * static_cast<int64_t>(c10::elementSize(type));
+    // The loads of this loop stream from DRAM: ask for the tiles ahead while the exps compute.
+    const char* next = tile_ptr(x, type, v0 + kPrefetchTiles * kTile);
+    Vec m(kNegInf), z(0.0f), vref(ref);
     for (int64_t i = 0; i < np; i += Vec::size()) {
-      prefetch(next + i / Vec::size() * step);
-      const Vec ei = vexp(at::vec::fmsub(Vec::loadu(tv.x + i), vscale, vm));
+      __builtin_prefetch(next + i / Vec::size() * step, 0, 3);
+      const Vec xi = Vec::loadu(tv.x + i);
+      m = vmax(m, xi);
+      const Vec ei = vexp(at::vec::fmsub(xi, vscale, vref));
       ei.store(e + i);
       z += ei;
     }
+    const float tile_max = reduce_max(m) * tv.scale;
+    if (tile_max > ref + kHeadroom) {
+      ref = lse.advance(tile_max);
+      vref = Vec(ref);
+      z = Vec(0.0f);
+      for (int64_t i = 0; i < np; i += Vec::size()) {
+        const Vec ei = vexp(at::vec::fmsub(Vec::loadu(tv.x + i), vscale, vref));
+        ei.store(e + i);
+        z += ei;
+      }
+    }
     lse.add(reduce_sum(z));
-    f[k] = mk;
+    f[k] = ref;
+    lse.advance(tile_max);  // a higher reference for the next tiles
+    on_tile(k);
   }
-  // exp(m_k - max) / z, in double: z carries the row's whole sum.
+  // exp(r_k - max) / z, in double: z carries the row's whole sum.
   const double m_final = OnlineLse::safe(lse.m);
   for (int64_t k = 0; k < tiles(vocab); ++k) {
     f[k] = static_cast<float>(std::exp(static_cast<double>(f[k]) - m_final) / lse.z);
@@ -124,14 +161,53 @@ struct RowStatsOut {
   float lse_s = 0.0f, lse_t = 0.0f, ls_x = 0.0f, lt_x = 0.0f, d = 0.0f, c = 0.0f;
 };
 
+// Sweep 3, tile k of a row whose sweeps 1 and 2 are done: u = c_v / tau - ps (C / tau).
+void write_u_tile(const RowBuf& r, int64_t k, int64_t vocab, c10::ScalarType type, float inv_tau,
+                  float* stage) {
+  const int64_t v0 = k * kTile;
+  const int64_t n = std::min(kTile, vocab - v0);
+  const int64_t full = n / Vec::size() * Vec::size();
+  const bool direct = type == c10::ScalarType::Float;
+  const bool stream = direct && reinterpret_cast<uintptr_t>(r.grad) % 64 == 0;
+  float* g = direct ? static_cast<float*>(r.grad) + v0 : stage;
+  const float* es = r.es.data() + v0;
+  const float* c = r.et.data() + v0;
+  const Vec kps(r.fs[k] * r.c * inv_tau), vinv_tau(inv_tau);
+  auto lanes = [&](int64_t i, int64_t count) {
+    const Vec u = at::vec::fnmadd(Vec::loadu(es + i), kps, Vec::loadu(c + i) * vinv_tau);
+    store_out(g + i, u, count, stream);
+  };
+  for (int64_t i = 0; i < full; i += Vec::size()) lanes(i, Vec::size());
+  if (full < n) lanes(full, n - full);
+  if (!direct) store_tile(g, n, type, static_cast<char*>(r.grad) + v0 * c10::elementSize(type));
+}
+
+// Finishes the pending row of this thread, if any.
+void flush_pending(GradScratch& sc, int64_t vocab, c10::ScalarType type, float inv_tau) {
+  if (sc.prev.grad == nullptr) return;
+  for (int64_t k = 0; k < tiles(vocab); ++k) write_u_tile(sc.prev, k, vocab, type, inv_tau, sc.g);
+  store_fence();
+  sc.prev.grad = nullptr;
+}
+
+// Sweeps 1 and 2 of a row (sweep 1 interleaved with the pending row's sweep 3); leaves the row
+// pending in sc.prev.
 template <int kBetaMode, bool kClip>
 void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarType t_type,
                   int64_t vocab, int64_t label, const DivParams& p, RowStatsOut& out, void* grad,
                   GradScratch& sc) {
-  float* es = sc.es.data();
-  float* et = sc.et.data();
-  out.lse_s = exp_sweep(s, s_type, vocab, p.inv_tau, es, sc.fs.data(), sc.a);
-  out.lse_t = exp_sweep(t, t_type, vocab, p.inv_tau, et, sc.ft.data(), sc.b);
+  RowBuf& r = sc.cur;
+  float* es = r.es.data();
+  float* et = r.et.data();
+  auto pending_tile = [&](int64_t k) {
+    if (sc.prev.grad != nullptr) write_u_tile(sc.prev, k, vocab, s_type, p.inv_tau, sc.g);
+  };
+  out.lse_s = exp_sweep(s, s_type, vocab, p.inv_tau, es, r.fs.data(), sc.a, pending_tile);
+  if (sc.prev.grad != nullptr) {
+    store_fence();
+    sc.prev.grad = nullptr;
+  }
+  out.lse_t = exp_sweep(t, t_type, vocab, p.inv_tau, et, r.ft.data(), sc.b, [](int64_t) {});
   // An out-of-range label (only possible with check_labels=False) poisons the row.
   const bool ok = label >= 0 && label < vocab;
   out.ls_x = (ok ? load_scalar(s, s_type, label) : kNaN) * p.inv_tau - out.lse_s;
@@ -145,7 +221,7 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
     const int64_t n = std::min(kTile, vocab - v0);
     const TileView a = view_tile(s, s_type, v0, n, p.inv_tau, sc.a);
     const TileView b = view_tile(t, t_type, v0, n, p.inv_tau, sc.b);
-    const Vec fs(sc.fs[k]), ft(sc.ft[k]), scale_a(a.scale), scale_b(b.scale);
+    const Vec fs(r.fs[k]), ft(r.ft[k]), scale_a(a.scale), scale_b(b.scale);
     Vec d_acc(0.0f), c_acc(0.0f);
     for (int64_t i = 0; i < padded(n); i += Vec::size()) {
       const Vec ps = Vec::loadu(es + v0 + i) * fs;
@@ -163,26 +239,9 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
   // An out-of-range label poisons d too, so the loss turns NaN instead of dropping the token.
   out.d = ok ? static_cast<float>(d) : kNaN;
   out.c = static_cast<float>(c);
-
-  // Sweep 3: u = c_v / tau - ps (C / tau).
-  const bool direct = s_type == c10::ScalarType::Float;
-  const bool stream = direct && reinterpret_cast<uintptr_t>(grad) % 64 == 0;
-  const Vec inv_tau(p.inv_tau);
-  for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
-    const int64_t n = std::min(kTile, vocab - v0);
-    const int64_t full = n / Vec::size() * Vec::size();
-    float* g = direct ? static_cast<float*>(grad) + v0 : sc.g;
-    const Vec kps(sc.fs[k] * out.c * p.inv_tau);
-    auto lanes = [&](int64_t i, int64_t count) {
-      const Vec u =
-          at::vec::fnmadd(Vec::loadu(es + v0 + i), kps, Vec::loadu(et + v0 + i) * inv_tau);
-      store_out(g + i, u, count, stream);
-    };
-    for (int64_t i = 0; i < full; i += Vec::size()) lanes(i, Vec::size());
-    if (full < n) lanes(full, n - full);
-    if (!direct) store_tile(g, n, s_type, static_cast<char*>(grad) + v0 * c10::elementSize(s_type));
-  }
-  if (stream) store_fence();
+  r.c = out.c;
+  r.grad = grad;
+  std::swap(sc.cur, sc.prev);
 }
 
 template <int kBetaMode, bool kClip>
@@ -197,6 +256,8 @@ struct FwdGradRows {
     float* o = out.mutable_data_ptr<float>();
     char* grad_base = static_cast<char*>(grad.mutable_data_ptr());
     const int64_t row_bytes = vocab * grad.element_size();
+    const c10::ScalarType s_type = student.scalar_type();
+    auto finish = [&](GradScratch& sc) { flush_pending(sc, vocab, s_type, p.inv_tau); };
     for_each_row<GradScratch>(rows, vocab, [&](int64_t row, GradScratch& sc) {
       char* grad_row = grad_base + row * row_bytes;
       if (fresh) prefault_row(grad_row, row_bytes);
@@ -215,7 +276,7 @@ struct FwdGradRows {
       o[3 * rows + row] = r.lt_x;
       o[4 * rows + row] = r.d;
       o[5 * rows + row] = r.c;
-    });
+    }, finish);
   }
 };
 using FwdGradFn = decltype(&FwdGradRows<0, false>::run);
@@ -229,6 +290,7 @@ void scale_row(scalar_t* g, int64_t n, float k) {
   const Vec vk(k);
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
+    // Plain stores: the line was just read, and streaming stores measured slower here.
     for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(g + i) * vk).store(g + i);
   } else {
     using HVec = at::vec::Vectorized<scalar_t>;

@@ -68,12 +68,12 @@ struct OnlineLse {
 inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }
 
 // Runs row_fn(row, scratch) for every row on torch.get_num_threads() threads, each thread with
-// one Scratch(vocab). Rows are handed out a few at a time from a shared counter rather than split
-// in fixed halves, so a thread that the OS deschedules (the machine is shared) or that meets many
-// ignored rows does not hold up the others. Which thread takes a row never changes how that row
-// is summed.
-template <typename Scratch, typename F>
-void for_each_row(int64_t rows, int64_t vocab, const F& row_fn) {
+// one Scratch(vocab), then finish(scratch) once per thread. Rows are handed out a few at a time
+// from a shared counter rather than split in fixed halves, so a thread that the OS deschedules
+// (the machine is shared) or that meets many ignored rows does not hold up the others. Which
+// thread takes a row never changes how that row is summed.
+template <typename Scratch, typename F, typename Finish>
+void for_each_row(int64_t rows, int64_t vocab, const F& row_fn, const Finish& finish) {
   const int64_t per_grab = std::max<int64_t>(1, 8 * kTile / std::max<int64_t>(vocab, 1));
   const int64_t grabs = (rows + per_grab - 1) / per_grab;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), grabs);
@@ -83,7 +83,13 @@ void for_each_row(int64_t rows, int64_t vocab, const F& row_fn) {
     for (int64_t r0; (r0 = next.fetch_add(per_grab)) < rows;) {
       for (int64_t row = r0; row < std::min(rows, r0 + per_grab); ++row) row_fn(row, scratch);
     }
+    finish(scratch);
   });
+}
+
+template <typename Scratch, typename F>
+void for_each_row(int64_t rows, int64_t vocab, const F& row_fn) {
+  for_each_row<Scratch>(rows, vocab, row_fn, [](Scratch&) {});
 }
 
 // A fresh gradient's 4 KiB pages each fault on first write. Asking the kernel to map a row's
