@@ -8,12 +8,14 @@ Public API::
     fused_linear_renio_loss(hs, Ws, ht, Wt, labels, **options)         # from hidden states
     FusedLinearReNIOLoss(**options)                                    # nn.Module of the above
     renio_kernels.reference                                            # float64-capable oracle
+    empty_cpu_grad_cache() / set_cpu_grad_cache(bool) / cpu_grad_cache_info()  # backend="cpu"
 
 The exact semantics are in ``shared/SPEC.md``; the README maps options to the paper's flags.
 """
 
 from . import reference
 from .backends import BACKENDS
+from .cpu_cache import cpu_grad_cache_info, empty_cpu_grad_cache, set_cpu_grad_cache
 from .fused_linear import fused_linear_renio_loss
 from .loss import renio_loss, sampled_reverse_kl_loss
 from .modules import ReNIOLoss, SampledReverseKLLoss
@@ -26,6 +28,8 @@ __all__ = [
     "BACKENDS",
     "FusedLinearReNIOLoss",
     "WEIGHT_NORMS",
+    "cpu_grad_cache_info",
+    "empty_cpu_grad_cache",
     "ReNIOLoss",
     "ReNIOOptions",
     "SampledReverseKLLoss",
@@ -33,4 +37,5 @@ __all__ = [
     "reference",
     "renio_loss",
     "sampled_reverse_kl_loss",
+    "set_cpu_grad_cache",
 ]

@@ -118,11 +118,13 @@ def _stats_sweep(
     store_c: bool,
     grad_scale: torch.Tensor | None = None,
     grads: GradBuffers | None = None,
+    unit_scale: bool = False,
 ) -> torch.Tensor:
     """Forward sweep: a ``(6, N)`` fp32 tensor of ``lse_s, lse_t, ls_x, lt_x, d, C`` per token.
 
-    With ``grad_scale`` (``dL/dd`` per token, or 1 for the unit-scale ``u @ Ws``) it also
-    accumulates the student's gradients into ``grads`` from the logits already in hand.
+    With ``grad_scale`` (``dL/dd`` per token, or ones for the unit-scale ``u @ Ws``, flagged by
+    ``unit_scale``) it also accumulates the student's gradients into ``grads`` from the logits
+    already in hand.
     """
     n_rows = labels.shape[0]
     out = torch.zeros((6, n_rows), dtype=torch.float32, device=labels.device)
@@ -130,27 +132,39 @@ def _stats_sweep(
         logits_s = student.logits(r0, r1)
         logits_t = teacher.logits(r0, r1)
         lab = _chunk(labels, r0, r1)
-        stats = plan.backend.fwd(
-            logits_s.unsqueeze(0),
-            logits_t.unsqueeze(0),
-            lab,
-            plan.params,
-            with_divergence=True,
-            store_c=store_c,
-        )
-        for i, x in enumerate(stats):
-            if x is not None:
-                out[i, r0:r1] = x.view(-1)
-        if grad_scale is not None:
-            g = plan.backend.bwd(
+        g = None
+        if grad_scale is not None and plan.backend.fwd_grad is not None:
+            # The native CPU kernel forms the unit-scale gradient in the same sweeps as the stats.
+            stats, g = plan.backend.fwd_grad(
+                logits_s.unsqueeze(0), logits_t.unsqueeze(0), lab, plan.params
+            )
+            if not unit_scale:
+                plan.backend.scale_grad(
+                    g, _chunk(grad_scale, r0, r1), lab, plan.params.ignore_index
+                )
+        else:
+            stats = plan.backend.fwd(
                 logits_s.unsqueeze(0),
                 logits_t.unsqueeze(0),
                 lab,
                 plan.params,
-                stats,
-                _chunk(grad_scale, r0, r1),
-                None,
+                with_divergence=True,
+                store_c=store_c,
             )
+        for i, x in enumerate(stats):
+            if x is not None:
+                out[i, r0:r1] = x.view(-1)
+        if grad_scale is not None:
+            if g is None:
+                g = plan.backend.bwd(
+                    logits_s.unsqueeze(0),
+                    logits_t.unsqueeze(0),
+                    lab,
+                    plan.params,
+                    stats,
+                    _chunk(grad_scale, r0, r1),
+                    None,
+                )
             del logits_s, logits_t
             grads.accumulate(g.view(r1 - r0, -1), student, r0, r1)
             del g
@@ -212,6 +226,7 @@ def forward_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, plan: SweepPl
             store_c=any(plan.want),
             grad_scale=torch.ones_like(flat_labels, dtype=torch.float32) if want_h else None,
             grads=unit,
+            unit_scale=True,
         )
     return out, unit
 

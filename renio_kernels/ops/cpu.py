@@ -227,9 +227,14 @@ def grad_cache_info() -> dict[str, int | bool]:
     }
 
 
+def loaded() -> bool:
+    """True once the extension is built and registered in this process (never builds it)."""
+    return _state["lib"] not in (_UNTRIED, None)
+
+
 def empty_grad_cache() -> None:
-    """Return the cached gradient buffers to the OS (no-op when the extension is not built)."""
-    if load_extension() is not None:
+    """Return the cached gradient buffers to the OS (no-op before the extension is loaded)."""
+    if loaded():
         _ops().grad_cache_empty()
 
 
