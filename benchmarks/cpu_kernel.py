@@ -3,23 +3,36 @@ and extra peak memory, for forward+backward of ``renio_loss(..., backend="cpu")`
 
     python benchmarks/cpu_kernel.py           # 2 rounds -> benchmarks/results/cpu_kernel.md
     python benchmarks/cpu_kernel.py --quick   # small shapes, to check the script runs
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python benchmarks/cpu_kernel.py \
-        --ref-repeats 0 --out benchmarks/results/cpu_kernel_malloc_reuse.md
-                                              # glibc keeps freed gradients: no page faults
 
 Every round measures, in this process: the machine's copy bandwidth and exp rate (best of
 several runs: a ceiling is what the machine can do), then per configuration the median wall time
-of our forward+backward, of ``renio_kernels.reference.renio_loss`` (the paper trainer's eager
-math, in the inputs' dtype), and peak extra RSS. Labels are all valid (no ignored rows), the
-most work for our kernel. The reference is run one sequence (256 rows) at a time when a whole
-batch would not fit the 5 GiB memory budget of the shared machine: its work is per row, so the
-sum of the chunks' times is the batch's time.
+of our forward+backward in three settings, of ``renio_kernels.reference.renio_loss`` (the paper
+trainer's eager math, in the inputs' dtype), and peak extra memory. Our settings:
 
-Floor (as ``benchmarks/floor.py``, ``N = B*T*V``, ``s`` bytes per logit):
-``floor = max(bytes / copy bandwidth, exps / exp rate)`` with ``3Ns`` bytes and ``2N`` exps (one
-fused pass: read both logits once, write the gradient once, one exp per element per side). Our
-two-kernel design must move ``5Ns`` (the backward re-reads both inputs: sequence weights need
-every row's forward first) and evaluates ``5N`` exps; the ``5Ns`` floor is reported beside.
+* ``ours``: the defaults. The gradient through ``d`` is formed at unit scale in the forward and
+  scaled in the backward (``config.CPU_GRAD_IN_FORWARD``), and gradients come from the
+  gradient-buffer cache (``renio_kernels.cpu_cache``): in a loop, the previous call's buffer.
+* ``no cache``: the same with the cache off, so every gradient is a fresh mmap whose pages fault
+  on first touch (what a process's first call pays).
+* ``recompute``: the recompute-in-backward kernels (``CPU_GRAD_IN_FORWARD = False``, cache on),
+  the design before the gradient moved to the forward, as a same-run baseline.
+
+Memory is measured with the cache emptied first, so the gradient's allocation is counted;
+``held`` is what the cache keeps between calls (the last gradient's buffer). Labels are all valid
+(no ignored rows), the most work for our kernel. The reference is run one sequence (256 rows) at
+a time when a whole batch would not fit the 1.5 GiB budget: its work is per row, so the sum of
+the chunks' times is the batch's time.
+
+Floors (as ``benchmarks/floor.py``, ``N = B*T*V``, ``s`` bytes per logit),
+``max(bytes / copy bandwidth, exps / exp rate)``:
+
+* strict: ``3Ns`` bytes and ``2N`` exps: one fused pass that reads both logits once and writes the
+  gradient once, one exp per element per side.
+* autograd: ``5Ns`` bytes and ``2N`` exps. The ReNIO weights need every row's ``ls[x] - lt[x]``
+  before any row's gradient scale is known, and ``grad_output`` arrives only in the backward, so
+  any forward/backward split touches each logit's gradient (or logits) twice: ours reads the
+  logits and writes the unit gradient in the forward (``3Ns``) and reads and writes it in the
+  backward (``2Ns``); a recompute design reads the logits twice and writes once (also ``5Ns``).
 
 Process CPU time over wall time shows how much of the 2 cores the run got: this machine is
 shared with other engineers, so wall times carry their load.
@@ -47,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import renio_kernels  # noqa: E402
-from renio_kernels import reference  # noqa: E402
+from renio_kernels import config, reference  # noqa: E402
 from renio_kernels.memory import peak_extra_bytes  # noqa: E402
 from renio_kernels.ops import cpu  # noqa: E402
 
@@ -217,7 +230,7 @@ def floors(c: Config, ceil: dict[str, float]) -> dict[str, float]:
     bw, exp = ceil["copy_GBps"] * 1e9, ceil["exp_Gps"] * 1e9
     return {
         "strict": max(3 * c.n * c.elt / bw, 2 * c.n / exp),
-        "two_pass": max(5 * c.n * c.elt / bw, 4 * c.n / exp),
+        "autograd": max(5 * c.n * c.elt / bw, 2 * c.n / exp),
         "mem_strict": 3 * c.n * c.elt / bw,
         "exp_strict": 2 * c.n / exp,
     }
@@ -252,10 +265,24 @@ def bench_config(c: Config, repeats: int, ref_repeats: int) -> dict:
             del sb, loss
 
     ours_wall, ours_cpu = timed(ours, repeats)
-    # The gradient stays alive until the sampler's last look (a short run can fall between two
-    # RSS samples on a loaded machine); the figure is the gradient plus whatever else peaked.
+    renio_kernels.set_cpu_grad_cache(False)
+    try:
+        cold_wall, _ = timed(ours, repeats)
+    finally:
+        renio_kernels.set_cpu_grad_cache(True)
+    config.CPU_GRAD_IN_FORWARD = False
+    try:
+        recompute_wall, _ = timed(ours, repeats)
+    finally:
+        config.CPU_GRAD_IN_FORWARD = True
+    # Memory from an empty cache, so the gradient's allocation counts. The gradient stays alive
+    # until the sampler's last look (a short run can fall between two RSS samples on a loaded
+    # machine); the figure is the gradient plus whatever else peaked.
+    renio_kernels.empty_cpu_grad_cache()
     ours_mem = peak_extra_bytes(lambda: ours(keep_grad=True))
     s.grad = None
+    held = renio_kernels.cpu_grad_cache_info()["cached_bytes"]
+    renio_kernels.empty_cpu_grad_cache()
     ours_malloc = malloc_peak_extra(lambda: ours(keep_grad=True))
     s.grad = None
     if ref_repeats > 0:
@@ -270,6 +297,9 @@ def bench_config(c: Config, repeats: int, ref_repeats: int) -> dict:
     logits = c.n * c.elt
     return {
         "ours_s": statistics.median(ours_wall),
+        "cold_s": statistics.median(cold_wall),
+        "recompute_s": statistics.median(recompute_wall),
+        "held_x": held / logits,
         # Process CPU seconds over threads: what the run would take with the cores to itself
         # (it counts page-fault time and OpenMP spinning, not time spent descheduled).
         "ours_cpu_s": statistics.median(ours_cpu) / torch.get_num_threads(),
@@ -360,8 +390,9 @@ def fmt_row(x: dict) -> str:
     f = x["floor"]
     return (
         f"ours {x['ours_s'] * 1e3:.0f} ms, reference {x['ref_s']:.2f} s "
-        f"({x['ref_s'] / x['ours_s']:.1f}x), floor {f['strict'] * 1e3:.1f} ms "
-        f"({x['ours_s'] / f['strict']:.2f}x; 5Ns floor {x['ours_s'] / f['two_pass']:.2f}x), "
+        f"({x['ref_s'] / x['ours_s']:.1f}x), no cache {x['cold_s'] * 1e3:.0f} ms, recompute "
+        f"{x['recompute_s'] * 1e3:.0f} ms, floor {f['strict'] * 1e3:.1f} ms "
+        f"({x['ours_s'] / f['strict']:.2f}x; autograd floor {x['ours_s'] / f['autograd']:.2f}x), "
         f"memory {_x(x['ours_malloc_x'])} malloc / {x['ours_mem_x']:.2f}x RSS "
         f"(reference {_x(x['ref_malloc_x'])} / {x['ref_mem_x']:.1f}x)"
     )
@@ -393,10 +424,10 @@ def render(rounds: list[dict], configs: list[Config], args) -> str:
         "",
         "## Summary (median over rounds of each round's median)",
         "",
-        "| config | ours | reference | speed-up | floor (3Ns) | ours / floor | ours / 5Ns floor "
-        "| ours, CPU s / threads | that / floor | extra peak memory, malloc (RSS) "
-        "| reference memory, malloc (RSS) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | ours | reference | speed-up | strict floor (3Ns) | ours / strict "
+        "| autograd floor (5Ns) | ours / autograd | no cache | recompute | ours, CPU s / threads "
+        "| extra peak memory, malloc (RSS) | held between calls | reference memory, malloc (RSS) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in configs:
         xs = [r["res"][c.name] for r in rounds]
@@ -405,14 +436,18 @@ def render(rounds: list[dict], configs: list[Config], args) -> str:
         speedup = med(x["ref_s"] / x["ours_s"] for x in xs)
         strict = med(x["floor"]["strict"] for x in xs)
         vs_strict = med(x["ours_s"] / x["floor"]["strict"] for x in xs)
-        vs_two = med(x["ours_s"] / x["floor"]["two_pass"] for x in xs)
+        autograd = med(x["floor"]["autograd"] for x in xs)
+        vs_autograd = med(x["ours_s"] / x["floor"]["autograd"] for x in xs)
+        cold = med(x["cold_s"] for x in xs)
+        recompute = med(x["recompute_s"] for x in xs)
         cpu_s = med(x["ours_cpu_s"] for x in xs)
-        cpu_vs = med(x["ours_cpu_s"] / x["floor"]["strict"] for x in xs)
         out.append(
             f"| {c.name} | {ours * 1e3:.0f} ms | {ref:.2f} s | {speedup:.1f}x "
-            f"| {strict * 1e3:.1f} ms | {vs_strict:.2f}x | {vs_two:.2f}x "
-            f"| {cpu_s * 1e3:.0f} ms | {cpu_vs:.2f}x "
+            f"| {strict * 1e3:.1f} ms | {vs_strict:.2f}x | {autograd * 1e3:.1f} ms "
+            f"| {vs_autograd:.2f}x | {cold * 1e3:.0f} ms | {recompute * 1e3:.0f} ms "
+            f"| {cpu_s * 1e3:.0f} ms "
             f"| {_med_x(xs, 'ours_malloc_x')} ({med(x['ours_mem_x'] for x in xs):.2f}x) "
+            f"| {med(x['held_x'] for x in xs):.2f}x "
             f"| {_med_x(xs, 'ref_malloc_x')} ({med(x['ref_mem_x'] for x in xs):.1f}x) |"
         )
     out += ["", "## Per round", ""]
@@ -427,7 +462,7 @@ def render(rounds: list[dict], configs: list[Config], args) -> str:
             f"(torch.exp {ceil['torch_exp_Gps']:.2f}, the kernel's vexp {ceil['vexp_Gps']:.2f}).",
             "",
             "| config | ours (all runs, ms) | CPU share | reference (all runs, s) | CPU share "
-            "| floor: bytes / exps (ms) | ref. chunk rows | loss rel. diff |",
+            "| strict floor: bytes / exps (ms) | ref. chunk rows | loss rel. diff |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in configs:
