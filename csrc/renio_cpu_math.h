@@ -151,21 +151,31 @@ inline void divergence_terms(const Vec& ls, const Vec& lt, const DivParams& p, V
   divergence_from_probs<kBetaMode, kClip>(ls, lt, kPs ? ps : Vec(0.0f), pt, p, e, de);
 }
 
-// Lane max; the callers keep NaN out of the running max (a NaN logit shows up in its exp instead).
+// Lane max and sum (a fixed reduction tree per ISA, so a row's result never depends on the
+// thread that computes it). The callers keep NaN out of the running max (a NaN logit shows up in
+// its exp instead).
 inline float reduce_max(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(v);
+#else
   alignas(64) float lanes[Vec::size()];
   v.store(lanes);
   float m = lanes[0];
   for (int i = 1; i < Vec::size(); ++i) m = std::max(m, lanes[i]);
   return m;
+#endif
 }
 
 inline float reduce_sum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#else
   alignas(64) float lanes[Vec::size()];
   v.store(lanes);
   float s = 0.0f;
   for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
   return s;
+#endif
 }
 
 inline int64_t padded(int64_t n) {

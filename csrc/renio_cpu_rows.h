@@ -57,10 +57,11 @@ struct OnlineLse {
   // Folds in one tile whose max is tile_max; returns the (safe) max the tile's exps are taken
   // against. The caller adds that tile's sum of exp(x - returned max) with add().
   float advance(float tile_max) {
-    const float new_m = std::max(m, tile_max);
-    z *= std::exp(static_cast<double>(m) - safe(new_m));
-    m = new_m;
-    return safe(new_m);
+    if (tile_max > m) {  // else the reference stays (and NaN never becomes one)
+      z *= std::exp(static_cast<double>(m) - safe(tile_max));
+      m = tile_max;
+    }
+    return safe(m);
   }
   void add(float tile_sum) { z += tile_sum; }
 };
