@@ -59,21 +59,33 @@ struct GradScratch {
   alignas(64) float g[kTile];
 };
 
-// One tile of a row as fp32 lanes x * scale, padded with -inf to whole vectors: fp32 tiles of
-// whole vectors are read in place (scale = inv_tau, applied where the value is used); others are
-// converted into `stage` (scale = 1).
+// One tile of a row as fp32 lanes x * scale, padded with -inf to whole vectors. A tile of whole
+// vectors of the row's own dtype T is read in place and converted in registers (scale = inv_tau,
+// applied where the value is used); any other tile (the last one of a row, or a side whose dtype
+// is not T) is converted into `stage` first (T = float, scale = 1).
+template <typename T>
 struct TileView {
-  const float* x;
+  const T* x;
   float scale;
+  Vec operator[](int64_t i) const { return load_float(x + i); }
 };
 
-inline TileView view_tile(const void* row, c10::ScalarType type, int64_t v0, int64_t n,
-                          float inv_tau, float* stage) {
-  if (type == c10::ScalarType::Float && n % Vec::size() == 0) {
-    return {static_cast<const float*>(row) + v0, inv_tau};
+template <typename T>
+constexpr c10::ScalarType dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return c10::ScalarType::Float;
+  if constexpr (std::is_same_v<T, c10::Half>) return c10::ScalarType::Half;
+  return c10::ScalarType::BFloat16;
+}
+
+// Calls f(view) with a TileView<T> in place or a TileView<float> of the staged tile.
+template <typename T, typename F>
+inline void with_tile(const void* row, c10::ScalarType type, int64_t v0, int64_t n, float inv_tau,
+                      float* stage, const F& f) {
+  if (type == dtype_of<T>() && n % Vec::size() == 0) {
+    return f(TileView<T>{static_cast<const T*>(row) + v0, inv_tau});
   }
   load_tile(tile_ptr(row, type, v0), type, n, inv_tau, stage);
-  return {stage, 1.0f};
+  f(TileView<float>{stage, 1.0f});
 }
 
 // Sweep 1 for one side: ex[v] = exp(x_v / tau - r_k), f[k] = exp(r_k - max) / z; returns the
@@ -83,7 +95,7 @@ inline TileView view_tile(const void* row, c10::ScalarType type, int64_t v0, int
 // its own max; on a row that rises steadily that is a few tiles, on most rows none.
 constexpr float kHeadroom = 64.0f;  // 2048 * e^64 is far below FLT_MAX
 
-template <typename OnTile>
+template <typename T, typename OnTile>
 float exp_sweep(const void* x, c10::ScalarType type, int64_t vocab, float inv_tau, float* ex,
                 float* f, float* stage, const OnTile& on_tile) {
   OnlineLse lse;
@@ -91,40 +103,41 @@ float exp_sweep(const void* x, c10::ScalarType type, int64_t vocab, float inv_ta
   for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
     const int64_t n = std::min(kTile, vocab - v0);
     const int64_t np = padded(n);
-    const TileView tv = view_tile(x, type, v0, n, inv_tau, stage);
-    const Vec vscale(tv.scale);
-    if (lse.m == kNegInf) {
-      Vec m(kNegInf);
-      for (int64_t i = 0; i < np; i += Vec::size()) m = vmax(m, Vec::loadu(tv.x + i));
-      lse.advance(reduce_max(m) * tv.scale);
-    }
-    float ref = OnlineLse::safe(lse.m);
     float* e = ex + v0;
     // The loads of this loop stream from DRAM: ask for the tiles ahead while the exps compute.
     const char* next = tile_ptr(x, type, v0 + kPrefetchTiles * kTile);
-    Vec m(kNegInf), z(0.0f), vref(ref);
-    for (int64_t i = 0; i < np; i += Vec::size()) {
-      __builtin_prefetch(next + i / Vec::size() * step, 0, 3);
-      const Vec xi = Vec::loadu(tv.x + i);
-      m = vmax(m, xi);
-      const Vec ei = vexp(at::vec::fmsub(xi, vscale, vref));
-      ei.store(e + i);
-      z += ei;
-    }
-    const float tile_max = reduce_max(m) * tv.scale;
-    if (tile_max > ref + kHeadroom) {
-      ref = lse.advance(tile_max);
-      vref = Vec(ref);
-      z = Vec(0.0f);
+    with_tile<T>(x, type, v0, n, inv_tau, stage, [&](const auto& tv) {
+      const Vec vscale(tv.scale);
+      if (lse.m == kNegInf) {
+        Vec m(kNegInf);
+        for (int64_t i = 0; i < np; i += Vec::size()) m = vmax(m, tv[i]);
+        lse.advance(reduce_max(m) * tv.scale);
+      }
+      float ref = OnlineLse::safe(lse.m);
+      Vec m(kNegInf), z(0.0f), vref(ref);
       for (int64_t i = 0; i < np; i += Vec::size()) {
-        const Vec ei = vexp(at::vec::fmsub(Vec::loadu(tv.x + i), vscale, vref));
+        __builtin_prefetch(next + i / Vec::size() * step, 0, 3);
+        const Vec xi = tv[i];
+        m = vmax(m, xi);
+        const Vec ei = vexp(at::vec::fmsub(xi, vscale, vref));
         ei.store(e + i);
         z += ei;
       }
-    }
-    lse.add(reduce_sum(z));
-    f[k] = ref;
-    lse.advance(tile_max);  // a higher reference for the next tiles
+      const float tile_max = reduce_max(m) * tv.scale;
+      if (tile_max > ref + kHeadroom) {
+        ref = lse.advance(tile_max);
+        vref = Vec(ref);
+        z = Vec(0.0f);
+        for (int64_t i = 0; i < np; i += Vec::size()) {
+          const Vec ei = vexp(at::vec::fmsub(tv[i], vscale, vref));
+          ei.store(e + i);
+          z += ei;
+        }
+      }
+      lse.add(reduce_sum(z));
+      f[k] = ref;
+      lse.advance(tile_max);  // a higher reference for the next tiles
+    });
     on_tile(k);
   }
   // exp(r_k - max) / z, in double: z carries the row's whole sum.
@@ -191,8 +204,8 @@ void flush_pending(GradScratch& sc, int64_t vocab, c10::ScalarType type, float i
 }
 
 // Sweeps 1 and 2 of a row (sweep 1 interleaved with the pending row's sweep 3); leaves the row
-// pending in sc.prev.
-template <int kBetaMode, bool kClip>
+// pending in sc.prev. T: the dtype read in place (the other side, if different, is staged).
+template <int kBetaMode, bool kClip, typename T>
 void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarType t_type,
                   int64_t vocab, int64_t label, const DivParams& p, RowStatsOut& out, void* grad,
                   GradScratch& sc) {
@@ -202,12 +215,12 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
   auto pending_tile = [&](int64_t k) {
     if (sc.prev.grad != nullptr) write_u_tile(sc.prev, k, vocab, s_type, p.inv_tau, sc.g);
   };
-  out.lse_s = exp_sweep(s, s_type, vocab, p.inv_tau, es, r.fs.data(), sc.a, pending_tile);
+  out.lse_s = exp_sweep<T>(s, s_type, vocab, p.inv_tau, es, r.fs.data(), sc.a, pending_tile);
   if (sc.prev.grad != nullptr) {
     store_fence();
     sc.prev.grad = nullptr;
   }
-  out.lse_t = exp_sweep(t, t_type, vocab, p.inv_tau, et, r.ft.data(), sc.b, [](int64_t) {});
+  out.lse_t = exp_sweep<T>(t, t_type, vocab, p.inv_tau, et, r.ft.data(), sc.b, [](int64_t) {});
   // An out-of-range label (only possible with check_labels=False) poisons the row.
   const bool ok = label >= 0 && label < vocab;
   out.ls_x = (ok ? load_scalar(s, s_type, label) : kNaN) * p.inv_tau - out.lse_s;
@@ -219,20 +232,23 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
   Vec e, de;
   for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
     const int64_t n = std::min(kTile, vocab - v0);
-    const TileView a = view_tile(s, s_type, v0, n, p.inv_tau, sc.a);
-    const TileView b = view_tile(t, t_type, v0, n, p.inv_tau, sc.b);
-    const Vec fs(r.fs[k]), ft(r.ft[k]), scale_a(a.scale), scale_b(b.scale);
+    const Vec fs(r.fs[k]), ft(r.ft[k]);
     Vec d_acc(0.0f), c_acc(0.0f);
-    for (int64_t i = 0; i < padded(n); i += Vec::size()) {
-      const Vec ps = Vec::loadu(es + v0 + i) * fs;
-      const Vec pt = Vec::loadu(et + v0 + i) * ft;
-      const Vec ls = at::vec::fmsub(Vec::loadu(a.x + i), scale_a, vlse_s);
-      const Vec lt = at::vec::fmsub(Vec::loadu(b.x + i), scale_b, vlse_t);
-      divergence_from_probs<kBetaMode, kClip>(ls, lt, ps, pt, p, e, de);
-      d_acc += e;
-      c_acc += de;
-      de.store(et + v0 + i);
-    }
+    with_tile<T>(s, s_type, v0, n, p.inv_tau, sc.a, [&](const auto& a) {
+      with_tile<T>(t, t_type, v0, n, p.inv_tau, sc.b, [&](const auto& b) {
+        const Vec scale_a(a.scale), scale_b(b.scale);
+        for (int64_t i = 0; i < padded(n); i += Vec::size()) {
+          const Vec ps = Vec::loadu(es + v0 + i) * fs;
+          const Vec pt = Vec::loadu(et + v0 + i) * ft;
+          const Vec ls = at::vec::fmsub(a[i], scale_a, vlse_s);
+          const Vec lt = at::vec::fmsub(b[i], scale_b, vlse_t);
+          divergence_from_probs<kBetaMode, kClip>(ls, lt, ps, pt, p, e, de);
+          d_acc += e;
+          c_acc += de;
+          de.store(et + v0 + i);
+        }
+      });
+    });
     d += reduce_sum(d_acc);
     c += reduce_sum(c_acc);
   }
@@ -266,9 +282,14 @@ struct FwdGradRows {
       if (label == ignore_index) {
         std::memset(grad_row, 0, row_bytes);  // +0.0 in fp32, fp16 and bf16
       } else {
-        fwd_grad_row<kBetaMode, kClip>(row_ptr(student, s_addr(row)), student.scalar_type(),
-                                       row_ptr(teacher, t_addr(row)), teacher.scalar_type(), vocab,
-                                       label, p, r, grad_row, sc);
+        auto row_fn = fwd_grad_row<kBetaMode, kClip, float>;
+        if (s_type == teacher.scalar_type() && s_type == c10::ScalarType::Half) {
+          row_fn = fwd_grad_row<kBetaMode, kClip, c10::Half>;
+        } else if (s_type == teacher.scalar_type() && s_type == c10::ScalarType::BFloat16) {
+          row_fn = fwd_grad_row<kBetaMode, kClip, c10::BFloat16>;
+        }
+        row_fn(row_ptr(student, s_addr(row)), s_type, row_ptr(teacher, t_addr(row)),
+               teacher.scalar_type(), vocab, label, p, r, grad_row, sc);
       }
       o[0 * rows + row] = r.lse_s;
       o[1 * rows + row] = r.lse_t;

@@ -240,6 +240,36 @@ inline void store_tile(const float* src, int64_t n, c10::ScalarType dtype, void*
   }
 }
 
+// Vec::size() consecutive values as fp32 lanes, converted in registers (bf16: the 16 bits
+// become the high half of an fp32; fp16: vcvtph2ps).
+inline Vec load_float(const float* p) { return Vec::loadu(p); }
+
+inline Vec load_float(const c10::BFloat16* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#else
+  alignas(64) float lanes[Vec::size()];
+  for (int i = 0; i < Vec::size(); ++i) lanes[i] = static_cast<float>(p[i]);
+  return Vec::loadu(lanes);
+#endif
+}
+
+inline Vec load_float(const c10::Half* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  alignas(64) float lanes[Vec::size()];
+  for (int i = 0; i < Vec::size(); ++i) lanes[i] = static_cast<float>(p[i]);
+  return Vec::loadu(lanes);
+#endif
+}
+
 inline float load_scalar(const void* row, c10::ScalarType dtype, int64_t j) {
   switch (dtype) {
     case c10::ScalarType::Float:
