@@ -202,3 +202,24 @@ def test_fwd_grad_launcher(dtype):
     assert scaled is unit
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert rel_err(scaled, expected) <= tol
+
+
+@pytest.mark.parametrize(
+    ("s_dtype", "t_dtype"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float16),
+        (torch.float16, torch.bfloat16),
+    ],
+)
+def test_mixed_dtypes_over_several_tiles(s_dtype, t_dtype):
+    # One side read in place, the other staged, both with a staged last tile.
+    s, t, labels = make_inputs(2, 3, 2 * 2048 + 37, teacher_vocab=2 * 2048 + 40, seed=9)
+    s, t = s.to(s_dtype), t.to(t_dtype)
+    kw = dict(beta=0.3, token_clip=0.05, temperature=1.2)
+    loss, grad = _loss_and_grad(s, t, labels, **kw)
+    ref, ref_grad = ref_loss_and_grad(s, t, labels, grad_scale=1.7, **kw)
+    low = torch.float16 if torch.float16 in (s_dtype, t_dtype) else torch.bfloat16
+    assert grad.dtype == s_dtype
+    assert abs(loss.item() - ref.item()) <= LOSS_RTOL[low] * abs(ref.item()) + 1e-7
+    assert rel_err(grad, ref_grad) <= GRAD_RTOL[s_dtype if s_dtype != torch.float32 else low]
