@@ -14,8 +14,10 @@ forward's saved tensors too; its window is the backward call alone). On CUDA tha
 ``max_memory_allocated`` after ``reset_peak_memory_stats``. On the CPU it is the kernel's own
 high-water mark of resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``), which
 sees every spike, unlike sampling. Before the baseline is read, ``malloc_trim(0)`` hands the heap
-memory that glibc kept from the warm-up back to the OS; otherwise the measured call would reuse
-it unseen. Timed calls run with glibc's normal reuse, as a training loop does.
+memory that glibc kept from the warm-up back to the OS, and the native CPU kernel's gradient cache
+is emptied (``renio_kernels.empty_cpu_grad_cache``); otherwise the measured call would reuse that
+memory unseen. Timed calls run with glibc's normal reuse and the cache on, as a training loop
+does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ def _malloc_trim() -> None:
         pass
 
 
+def _empty_renio_cache() -> None:
+    try:
+        import renio_kernels  # noqa: PLC0415
+    except ImportError:
+        return
+    renio_kernels.empty_cpu_grad_cache()
+
+
 class MemoryProbe:
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -58,6 +68,7 @@ class MemoryProbe:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            _empty_renio_cache()
             _malloc_trim()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
