@@ -223,3 +223,17 @@ def test_mixed_dtypes_over_several_tiles(s_dtype, t_dtype):
     assert grad.dtype == s_dtype
     assert abs(loss.item() - ref.item()) <= LOSS_RTOL[low] * abs(ref.item()) + 1e-7
     assert rel_err(grad, ref_grad) <= GRAD_RTOL[s_dtype if s_dtype != torch.float32 else low]
+
+
+def test_no_buffer_leak_over_100_steps(fresh_cache):
+    # Each step's gradient is freed before the next step: after the first, every step reuses the
+    # cached buffer, so no allocation happens and the cache never grows (CHECKLIST 7).
+    s, t, labels = make_inputs(2, 4, 40000, seed=10)
+    x = s.clone().requires_grad_()
+    counts = []
+    for _ in range(100):
+        renio_kernels.renio_loss(x, t, labels, backend="cpu", token_clip=0.05).backward()
+        x.grad = None
+        info = renio_kernels.cpu_grad_cache_info()
+        counts.append((info["allocations"], info["cached_buffers"]))
+    assert counts[-1] == counts[1] and counts[-1][1] == 1
