@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu_cache import empty_cpu_grad_cache
+
 __all__ = ["peak_extra_bytes", "current_rss_bytes", "pin_mmap_threshold"]
 
 
@@ -47,6 +49,8 @@ def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu", interval: fl
     CPU: resident set size sampled every ``interval`` seconds by a thread, with glibc's mmap
     threshold pinned (``pin_mmap_threshold``) so RSS tracks live tensors; a short spike between
     two samples can be missed, so the figure is a lower bound within about one sampling interval.
+    The native CPU kernel's gradient cache is emptied first, so a gradient ``fn`` allocates is
+    counted even when an earlier call left a buffer it would reuse.
     """
     gc.collect()
     if device.startswith("cuda"):
@@ -57,6 +61,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu", interval: fl
         torch.cuda.synchronize()
         del out
         return torch.cuda.max_memory_allocated() - base
+    empty_cpu_grad_cache()
     pin_mmap_threshold()
     base = current_rss_bytes()
     peak = base
