@@ -31,11 +31,6 @@
 namespace renio {
 namespace {
 
-// Per-row forward results, in the order of the (6, B, T) output.
-struct RowOut {
-  float lse_s = 0.0f, lse_t = 0.0f, ls_x = 0.0f, lt_x = 0.0f, d = 0.0f, c = 0.0f;
-};
-
 // Sweep 1 over both rows together: per tile, convert to fp32 (padded with -inf), take the tile
 // max, then add exp(x - max) into the running sums; two independent exp chains per step.
 void row_logsumexps(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarType t_type,
@@ -130,12 +125,8 @@ struct FwdRows {
                                   row_ptr(teacher, t_addr(row)), teacher.scalar_type(), vocab,
                                   label, p, with_divergence, r, sc.a, sc.b);
       }
-      o[0 * rows + row] = r.lse_s;
-      o[1 * rows + row] = r.lse_t;
-      o[2 * rows + row] = r.ls_x;
-      o[3 * rows + row] = r.lt_x;
-      o[4 * rows + row] = r.d;
-      o[5 * rows + row] = store_c ? r.c : 0.0f;
+      if (!store_c) r.c = 0.0f;
+      r.store(o, rows, row);
     });
   }
 };

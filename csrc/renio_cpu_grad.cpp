@@ -5,17 +5,18 @@
 // "Gradient") and gd = dL/dd, a per-row scalar known only once every row's forward has run (the
 // sequence weights) and grad_output arrives. u itself is row-local, so the forward writes it while
 // the row is still in cache, and the backward is a streaming multiply by gd. Per row, in tiles of
-// kTile columns:
-//   sweep 1 (reads the logits from DRAM): a = student / tau, b = teacher[:, :Vs] / tau; per tile,
-//            the running max m_k and es = exp(a - m_k), et = exp(b - m_k') stored into per-thread
-//            fp32 scratch rows; online sums give lse_s and lse_t. Per tile the factor
-//            f_k = exp(m_k - max) / z turns a stored exp into a probability: ps = es * f_k.
-//   sweep 2 (logits and scratch from L2/L3): ls, lt, ps, pt, the clamped terms e_v and c_v;
-//            d = sum e_v, C = sum c_v; c_v overwrites et.
-//   sweep 3: u = c / tau - es * (f_k C / tau), written in the student's dtype.
+// kTile columns, with a = student / tau and b = teacher[:, :Vs] / tau:
+//   sweep 1 (the logits from DRAM): per tile k, es = exp(a - r_k) and et = exp(b - r'_k) into
+//            per-thread fp32 scratch rows, r_k being the running max of the tiles before (see
+//            exp_sweep); their sums give lse_s and lse_t, and the per-tile factor
+//            f_k = exp(r_k - max) / z turns a stored exp into a probability: ps = es * f_k.
+//   sweep 2 (logits and scratch from L2/L3): ls, lt, ps, pt with no new exp, the clamped terms
+//            e_v and c_v; d = sum e_v, C = sum c_v; c_v overwrites et.
+//   sweep 3: u = c / tau - es * (f_k C / tau), written in the student's dtype, interleaved with
+//            sweep 1 of the thread's next row.
 // That is 2 exps per logit (the log-sum-exps' own exps are reused as probabilities) against 5 for
 // renio_fwd + renio_bwd, and 5 logits' worth of DRAM traffic (read student and teacher, write u;
-// backward: read and write u), the floor for a gradient whose scale comes after the forward.
+// backward: read and write u), the least a gradient whose scale comes after the forward allows.
 // The memory is the gradient's, allocated in the forward instead of the backward.
 //
 // Ignored rows get zero stats and a zero gradient. Results do not depend on the thread count.
@@ -170,10 +171,6 @@ inline void store_fence() {
 #endif
 }
 
-struct RowStatsOut {
-  float lse_s = 0.0f, lse_t = 0.0f, ls_x = 0.0f, lt_x = 0.0f, d = 0.0f, c = 0.0f;
-};
-
 // Sweep 3, tile k of a row whose sweeps 1 and 2 are done: u = c_v / tau - ps (C / tau).
 void write_u_tile(const RowBuf& r, int64_t k, int64_t vocab, c10::ScalarType type, float inv_tau,
                   float* stage) {
@@ -207,7 +204,7 @@ void flush_pending(GradScratch& sc, int64_t vocab, c10::ScalarType type, float i
 // pending in sc.prev. T: the dtype read in place (the other side, if different, is staged).
 template <int kBetaMode, bool kClip, typename T>
 void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarType t_type,
-                  int64_t vocab, int64_t label, const DivParams& p, RowStatsOut& out, void* grad,
+                  int64_t vocab, int64_t label, const DivParams& p, RowOut& out, void* grad,
                   GradScratch& sc) {
   RowBuf& r = sc.cur;
   float* es = r.es.data();
@@ -277,7 +274,7 @@ struct FwdGradRows {
     for_each_row<GradScratch>(rows, vocab, [&](int64_t row, GradScratch& sc) {
       char* grad_row = grad_base + row * row_bytes;
       if (fresh) prefault_row(grad_row, row_bytes);
-      RowStatsOut r;
+      RowOut r;
       const int64_t label = label_at(labels, l_addr, row);
       if (label == ignore_index) {
         std::memset(grad_row, 0, row_bytes);  // +0.0 in fp32, fp16 and bf16
@@ -291,12 +288,7 @@ struct FwdGradRows {
         row_fn(row_ptr(student, s_addr(row)), s_type, row_ptr(teacher, t_addr(row)),
                teacher.scalar_type(), vocab, label, p, r, grad_row, sc);
       }
-      o[0 * rows + row] = r.lse_s;
-      o[1 * rows + row] = r.lse_t;
-      o[2 * rows + row] = r.ls_x;
-      o[3 * rows + row] = r.lt_x;
-      o[4 * rows + row] = r.d;
-      o[5 * rows + row] = r.c;
+      r.store(o, rows, row);
     }, finish);
   }
 };

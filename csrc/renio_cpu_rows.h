@@ -66,6 +66,15 @@ struct OnlineLse {
   void add(float tile_sum) { z += tile_sum; }
 };
 
+// Per-row forward results, in the order of the (6, B, T) stats output; ignored rows keep zeros.
+struct RowOut {
+  float lse_s = 0.0f, lse_t = 0.0f, ls_x = 0.0f, lt_x = 0.0f, d = 0.0f, c = 0.0f;
+  void store(float* out, int64_t rows, int64_t row) const {
+    const float values[6] = {lse_s, lse_t, ls_x, lt_x, d, c};
+    for (int i = 0; i < 6; ++i) out[i * rows + row] = values[i];
+  }
+};
+
 inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }
 
 // Runs row_fn(row, scratch) for every row on torch.get_num_threads() threads, each thread with
