@@ -16,6 +16,7 @@ after one warning and callers fall back to the torch backend.
 from __future__ import annotations
 
 import hashlib
+import time
 import warnings
 from pathlib import Path
 
@@ -79,13 +80,55 @@ def _build_name(flags: list[str]) -> str:
     return f"renio_cpu_{digest.hexdigest()[:16]}"
 
 
+# A build killed midway (Ctrl-C during the first call, a CI timeout) leaves torch's lock file in
+# its build directory, and torch would make every later process wait on it forever. A build takes
+# well under a minute on 2 cores, so a lock that stays longer than this is taken as stale.
+STALE_LOCK_S = 300.0
+
+
+def wait_for_build_lock(build_dir: Path, stale_after_s: float = STALE_LOCK_S) -> None:
+    """Wait while another process holds the build lock; remove it (with a warning) once stale."""
+    lock = build_dir / "lock"
+    waited, told = 0.0, False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after_s:
+            warnings.warn(
+                f"renio_kernels: removing the build lock {lock}, {age:.0f} s old: a build of the "
+                "native CPU kernel was interrupted; rebuilding",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            lock.unlink(missing_ok=True)
+            return
+        if waited >= 30.0 and not told:
+            warnings.warn(
+                f"renio_kernels: waiting for {lock}: another process is building the native CPU "
+                f"kernel (or one was interrupted; the lock is removed once {stale_after_s:.0f} s "
+                "old, or delete it by hand if no build is running)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            told = True
+        time.sleep(0.5)
+        waited += 0.5
+
+
 def _build(verbose: bool = False) -> str:
     """Compile (or reuse) the extension and register its ops; returns the library path."""
-    from torch.utils.cpp_extension import load  # noqa: PLC0415 (slow import, only when needed)
+    from torch.utils import cpp_extension  # noqa: PLC0415 (slow import, only when needed)
 
     flags = build_flags()
+    name = _build_name(flags)
+    build_dir = getattr(cpp_extension, "_get_build_directory", None)  # private: may go away
+    if build_dir is not None:
+        wait_for_build_lock(Path(build_dir(name, verbose)))
+    load = cpp_extension.load
     return load(
-        name=_build_name(flags),
+        name=name,
         sources=[str(CSRC / name) for name in SOURCES],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],

@@ -5,7 +5,10 @@ The first test to need the extension builds it (about 20-60 s on 2 cores, then c
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
+import time
 import warnings
 
 import pytest
@@ -251,3 +254,23 @@ def test_fallback_when_the_build_fails(without_extension):
     assert "simulated" in cpu.extension_error()
     ref, _ = ref_loss_and_grad(s, t, labels)
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+def test_build_lock_handling(tmp_path):
+    # A build killed midway leaves torch's lock file; torch alone would wait on it forever.
+    cpu.wait_for_build_lock(tmp_path)  # no lock: returns at once
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - 400
+    os.utime(lock, (old, old))  # left by a build killed 400 s ago
+    with pytest.warns(RuntimeWarning, match="removing the build lock.*interrupted"):
+        cpu.wait_for_build_lock(tmp_path, stale_after_s=300.0)
+    assert not lock.exists()
+    # A fresh lock is another process building: wait for it to be released, leave it to them.
+    lock.touch()
+    releaser = threading.Timer(1.0, lock.unlink)
+    releaser.start()
+    t0 = time.monotonic()
+    cpu.wait_for_build_lock(tmp_path, stale_after_s=300.0)
+    assert 0.9 <= time.monotonic() - t0 < 30
+    releaser.join()
