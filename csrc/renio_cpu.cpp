@@ -1,5 +1,8 @@
 // Native CPU row kernels of the ReNIO loss: the contract of renio_kernels/ops/triton_fwd.py and
-// triton_bwd.py (and ops/torch_chunked.py), for CPU tensors, one row per task.
+// triton_bwd.py (and ops/torch_chunked.py), for CPU tensors, one row per task. An eager
+// renio_loss(...).backward() uses renio_cpu_grad.cpp instead (the gradient formed in the forward);
+// these serve no_grad forwards, sampled_reverse_kl_loss, a second backward, losses with a
+// gradient through ls[x], the torch.compile custom op, and config.CPU_GRAD_IN_FORWARD = False.
 //
 // Forward, per (b, t) row, a = student / tau and b = teacher[:, :Vs] / tau:
 //   sweep 1: lse_s = logsumexp(a), lse_t = logsumexp(b)   online, per tile: max, then one exp
