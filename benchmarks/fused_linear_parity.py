@@ -12,6 +12,7 @@ Writes a markdown table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from functools import partial
 from pathlib import Path
@@ -32,19 +33,19 @@ CONFIGS = [
 ]
 
 
-def fused_step(h, w, b, teacher, chunk_size, kw):
+def fused_step(h, w, b, teacher, chunk_size, backend, kw):
     h_t, w_t, b_t, labels = teacher
     return fused_linear_renio_loss(
-        h, w, h_t, w_t, labels, student_bias=b, teacher_bias=b_t, backend="torch",
+        h, w, h_t, w_t, labels, student_bias=b, teacher_bias=b_t, backend=backend,
         chunk_size=chunk_size, **kw,
     )  # fmt: skip
 
 
-def unfused_step(h, w, b, teacher, kw):
+def unfused_step(h, w, b, teacher, backend, kw):
     h_t, w_t, b_t, labels = teacher
     logits_s = torch.nn.functional.linear(h, w, b)
     logits_t = torch.nn.functional.linear(h_t, w_t, b_t)
-    return renio_loss(logits_s, logits_t, labels, backend="torch", **kw)
+    return renio_loss(logits_s, logits_t, labels, backend=backend, **kw)
 
 
 def reference_step(h, w, b, teacher, kw):
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hs", type=int, default=64)
     p.add_argument("--ht", type=int, default=96)
     p.add_argument("--chunk-size", type=int, default=48, help="splits sequences across chunks")
+    p.add_argument(
+        "--backends", default="cpu,torch", help="row kernels, comma-separated (auto picks cpu)"
+    )
     p.add_argument("--out", default="benchmarks/results/fused_linear_parity.md")
     args = p.parse_args(argv)
     shape = dict(
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"B = {args.batch}, T = {args.seq}, Hs = {args.hs}, Ht = {args.ht}, Vs = {args.vocab}, "
         f"Vt = {args.teacher_vocab}, both lm_heads with a bias, some ignored positions, "
-        f"chunk_size = {args.chunk_size} (sequences split across chunks), backend torch (CPU), "
+        f"chunk_size = {args.chunk_size} (sequences split across chunks), CPU row kernels as "
+        "listed (cpu: the native kernel, which forms the chunk's gradient in its forward), "
         "grad_output 1.7. Relative errors: |loss - ref| / |ref|, and ||g - ref|| / ||ref|| for "
         "the student's hidden-state (h), weight (W) and bias (b) gradients. 'unfused' = logits "
         "from F.linear in the input dtype, then renio_loss. Tolerances: CHECKLIST.md. Produced "
@@ -93,28 +98,32 @@ def main(argv: list[str] | None = None) -> None:
         "Low-precision gradient errors of the fused path are mostly the final rounding of the "
         "returned gradients to the input dtype.",
         "",
-        "| dtype | options | loss | h | W | b | unfused loss | unfused h | unfused W | "
+        "| backend | dtype | options | loss | h | W | b | unfused loss | unfused h | unfused W | "
         "tolerance loss / grads |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    cases = itertools.product(
+        args.backends.split(","), (torch.float32, torch.bfloat16, torch.float16), CONFIGS
+    )
+    for backend, dtype, kw in cases:
         h_s, w_s, b_s, h_t, w_t, b_t, labels = make_linear(dtype=dtype, **shape)
         teacher = (h_t, w_t, b_t, labels)
-        for kw in CONFIGS:
-            fused = partial(fused_step, teacher=teacher, chunk_size=args.chunk_size, kw=kw)
-            unfused = partial(unfused_step, teacher=teacher, kw=kw)
-            ref = partial(reference_step, teacher=teacher, kw=kw)
-            r_loss, r_grads = grads_of(ref, h_s.double(), w_s.double(), b_s.double())
-            f = errors(*grads_of(fused, h_s, w_s, b_s), r_loss, r_grads)
-            u = errors(*grads_of(unfused, h_s, w_s, b_s), r_loss, r_grads)
-            opts = ", ".join(f"{k}={v}" for k, v in kw.items())
-            name = str(dtype).replace("torch.", "")
-            lines.append(
-                f"| {name} | {opts} | {f[0]:.1e} | {f[1]:.1e} | {f[2]:.1e} | {f[3]:.1e} | "
-                f"{u[0]:.1e} | {u[1]:.1e} | {u[2]:.1e} | "
-                f"{LOSS_RTOL[dtype]:.0e} / {LINEAR_GRAD_RTOL[dtype]:.0e} |"
-            )
-            print(lines[-1], flush=True)
+        fused = partial(
+            fused_step, teacher=teacher, chunk_size=args.chunk_size, backend=backend, kw=kw
+        )
+        unfused = partial(unfused_step, teacher=teacher, backend=backend, kw=kw)
+        ref = partial(reference_step, teacher=teacher, kw=kw)
+        r_loss, r_grads = grads_of(ref, h_s.double(), w_s.double(), b_s.double())
+        f = errors(*grads_of(fused, h_s, w_s, b_s), r_loss, r_grads)
+        u = errors(*grads_of(unfused, h_s, w_s, b_s), r_loss, r_grads)
+        opts = ", ".join(f"{k}={v}" for k, v in kw.items())
+        name = str(dtype).replace("torch.", "")
+        lines.append(
+            f"| {backend} | {name} | {opts} | {f[0]:.1e} | {f[1]:.1e} | {f[2]:.1e} | {f[3]:.1e} | "
+            f"{u[0]:.1e} | {u[1]:.1e} | {u[2]:.1e} | "
+            f"{LOSS_RTOL[dtype]:.0e} / {LINEAR_GRAD_RTOL[dtype]:.0e} |"
+        )
+        print(lines[-1], flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

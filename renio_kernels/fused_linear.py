@@ -7,7 +7,8 @@ softmax), but only one chunk of tokens' logits exists at a time.
 Design. The flattened ``N = B * T`` tokens are taken in chunks of rows (``ops.linear_chunks``; the
 size comes from ``(V, Hs, Ht)`` and the device, or ``chunk_size=``). Per chunk, the student and
 teacher logits are formed in fp32 and fed to the resolved backend's row kernels (Triton on CUDA,
-the chunked torch kernels on CPU) as a ``(1, rows, V)`` batch. The forward keeps per-token
+the native kernel on CPU, whose forward also forms the chunk's gradient in the same sweeps) as a
+``(1, rows, V)`` batch. The forward keeps per-token
 ``lse_s, lse_t, C`` and returns ``d, ls[x], lt[x]`` like ``RowStatsFunction``;
 ``weights.reduce_renio`` turns them into the loss, so the ReNIO weights are exactly those of
 ``renio_loss``. Those weights depend on every sequence of the batch, so the per-token gradient
