@@ -51,7 +51,7 @@ def exp_rate(device: str) -> float:
 
 def _native_exp_rate() -> float:
     try:
-        from renio_kernels.ops import cpu
+        from renio_kernels.ops.cpu import native as cpu
 
         if cpu.load_extension() is None:
             return 0.0

@@ -61,9 +61,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import renio_kernels  # noqa: E402
+from benchmarks.memory import peak_extra_bytes  # noqa: E402
 from renio_kernels import config, reference  # noqa: E402
-from renio_kernels.memory import peak_extra_bytes  # noqa: E402
-from renio_kernels.ops import cpu  # noqa: E402
+from renio_kernels.ops.cpu import native as cpu  # noqa: E402
 
 TOKEN_CLIP = 0.05
 MEM_BUDGET = 1.5 * 2**30  # the reference runs in chunks whose temporaries stay below this

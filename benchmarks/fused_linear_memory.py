@@ -1,6 +1,6 @@
 """Peak extra memory of one forward+backward of the fused-linear ReNIO loss (CPU, fp32).
 
-Measures ``renio_kernels.memory.peak_extra_bytes`` (sampled RSS on CPU) of
+Measures ``benchmarks.memory.peak_extra_bytes`` (sampled RSS on CPU) of
 
 * the fused-linear loss at several token counts (the issue's target: B*T = 4096, V = 151936,
   H = 256; at most 0.25 x one (B*T, V) fp32 tensor, weight gradient included, and flat in B*T);
@@ -31,9 +31,9 @@ import torch
 # The checkout's package, not whichever renio_kernels is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.memory import peak_extra_bytes  # noqa: E402
 from renio_kernels import fused_linear_renio_loss, reference, renio_loss  # noqa: E402
-from renio_kernels.memory import peak_extra_bytes  # noqa: E402
-from renio_kernels.ops.linear_chunks import plan_chunk_rows  # noqa: E402
+from renio_kernels.ops.linear import plan_chunk_rows  # noqa: E402
 
 MIB = 1 << 20
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     chunk = plan_chunk_rows(args.tokens, args.vocab, args.hidden, args.hidden, torch.device("cpu"))
     weight_mib = args.vocab * args.hidden * 4 / MIB
-    from renio_kernels.backends import resolve_backend  # noqa: PLC0415
+    from renio_kernels.ops.backends import resolve_backend  # noqa: PLC0415
 
     row_kernels = resolve_backend("auto", torch.device("cpu")).name
     lines = [
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         f"fp32, V = {args.vocab}, Hs = Ht = {args.hidden}, T = {args.seq}, token_clip = 0.05, "
         f"beta = 0 (defaults otherwise), backend auto ({row_kernels} row kernels on CPU); "
         f"automatic chunk = {chunk} "
-        f"tokens at B*T = {args.tokens}. Measured with `renio_kernels.memory.peak_extra_bytes` "
+        f"tokens at B*T = {args.tokens}. Measured with `benchmarks.memory.peak_extra_bytes` "
         "(resident set size sampled every 1 ms: a lower bound within one sampling interval; "
         "glibc's mmap threshold pinned at 128 KiB so freed tensors leave the RSS, and one "
         "untimed small call of each path first). "

@@ -42,7 +42,7 @@ CONFIGS = [
 def _available(device: str) -> list[str]:
     names = ["torch", "triton"]
     if device == "cpu":
-        from renio_kernels.ops import cpu
+        from renio_kernels.ops.cpu import native as cpu
 
         if cpu.load_extension() is not None:
             names.append("cpu")

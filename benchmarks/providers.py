@@ -134,7 +134,7 @@ def _reference(p: Problem, device: str, compiled: bool = False) -> Case:
 def _renio(backend: str) -> Callable[[Problem, str], Case]:
     def build(p: Problem, device: str) -> Case:
         from renio_kernels import renio_loss
-        from renio_kernels.backends import resolve_backend
+        from renio_kernels.ops.backends import resolve_backend
 
         try:
             resolve_backend(backend, torch.device(device))
@@ -247,7 +247,7 @@ def unavailable_reason(name: str, device: str) -> str | None:
     if name == "renio-cpu":
         if cuda:  # checked first: loading the extension may build it (a minute of the budget)
             return "unavailable: the native CPU kernel does not take CUDA tensors"
-        from renio_kernels.backends import resolve_backend
+        from renio_kernels.ops.backends import resolve_backend
 
         try:
             resolve_backend("cpu", torch.device("cpu"))

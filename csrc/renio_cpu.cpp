@@ -291,6 +291,7 @@ TORCH_LIBRARY(renio_kernels_cpu, m) {
       "Tensor? c, Tensor? grad_d, Tensor? grad_ls_x, float inv_tau, float beta, float log_beta, "
       "float log_1m_beta, float token_clip, int beta_mode, bool clip, int ignore_index) -> Tensor");
   m.def("exp_throughput(int iters) -> float", &renio::exp_throughput);
+  m.def("divergence_names() -> str[]", &renio::divergence_names);
 }
 
 TORCH_LIBRARY_IMPL(renio_kernels_cpu, CPU, m) {

@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <string>
+#include <vector>
 
 namespace renio {
 
@@ -118,16 +120,22 @@ inline void prefault_row(char* row, int64_t bytes) {
 #endif
 }
 
-// Kernels are compiled per (beta mode, clip) pair so the inner loops carry no branches on them.
+// The divergences these kernels implement, indexed by their mode argument. The Python side looks
+// each name up here (renio_kernels/ops/divergences.py lists every divergence; backend="auto"
+// falls back to another backend for the ones missing here).
+inline std::vector<std::string> divergence_names() { return {"forward_kl", "reverse_kl", "jsd"}; }
+
+// Kernels are compiled per (divergence, clip) pair so the inner loops carry no branches on them.
 template <typename Fn, template <int, bool> class Table>
-Fn pick(int64_t beta_mode, bool clip) {
-  TORCH_CHECK(beta_mode >= 0 && beta_mode <= 2, "renio cpu: beta_mode must be 0, 1 or 2");
-  static const Fn table[3][2] = {
+Fn pick(int64_t mode, bool clip) {
+  static const Fn table[][2] = {
       {Table<kForwardKL, false>::run, Table<kForwardKL, true>::run},
       {Table<kReverseKL, false>::run, Table<kReverseKL, true>::run},
       {Table<kJSD, false>::run, Table<kJSD, true>::run},
   };
-  return table[beta_mode][clip ? 1 : 0];
+  constexpr int64_t kModes = sizeof(table) / sizeof(table[0]);
+  TORCH_CHECK(mode >= 0 && mode < kModes, "renio cpu: divergence mode ", mode, " not implemented");
+  return table[mode][clip ? 1 : 0];
 }
 
 inline bool float_input(const at::Tensor& x) {

@@ -7,25 +7,31 @@ Public API::
     sampled_reverse_kl_loss(student_logits, teacher_logits, labels)    # "OPD as RL" loss
     fused_linear_renio_loss(hs, Ws, ht, Wt, labels, **options)         # from hidden states
     FusedLinearReNIOLoss(**options)                                    # nn.Module of the above
+    ReNIOOptions                                                       # the options, validated
     renio_kernels.reference                                            # float64-capable oracle
     empty_cpu_grad_cache() / set_cpu_grad_cache(bool) / cpu_grad_cache_info()  # backend="cpu"
 
-The exact semantics are in ``shared/SPEC.md``; the README maps options to the paper's flags.
+Layers: this module and ``loss`` / ``fused_linear`` / ``modules`` (public API) -> ``core``
+(options, validation, reduction, autograd, custom ops, reference) -> ``ops`` (the row-kernel
+contract, the divergence registry, the backends ``ops.triton``, ``ops.torch``, ``ops.cpu``, and
+the fused-linear sweeps). ``integrations`` and ``train`` sit on top. The exact semantics are in
+``docs/SPEC.md``.
 """
 
-from . import reference
-from .backends import BACKENDS
+from .core import reference
+from .core.options import WEIGHT_NORMS, ReNIOOptions
 from .cpu_cache import cpu_grad_cache_info, empty_cpu_grad_cache, set_cpu_grad_cache
 from .fused_linear import fused_linear_renio_loss
 from .loss import renio_loss, sampled_reverse_kl_loss
-from .modules import ReNIOLoss, SampledReverseKLLoss
-from .modules_linear import FusedLinearReNIOLoss
-from .weights import WEIGHT_NORMS, ReNIOOptions
+from .modules import FusedLinearReNIOLoss, ReNIOLoss, SampledReverseKLLoss
+from .ops.backends import BACKENDS
+from .ops.divergences import DIVERGENCES
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DIVERGENCES",
     "FusedLinearReNIOLoss",
     "WEIGHT_NORMS",
     "cpu_grad_cache_info",

@@ -1,12 +1,15 @@
 """Every tunable of the package, in one place.
 
 Defaults were chosen for the reasons given beside them; benchmarks and tests override them
-explicitly (launchers take ``block_v`` / ``num_warps`` arguments) rather than by editing code.
+explicitly (the Triton launchers take a ``block_v`` argument) rather than by editing code.
+The C++ constants and the environment variables are listed in ``docs/tunables.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 __all__ = [
@@ -15,7 +18,8 @@ __all__ = [
     "TORCH_CHUNK_ELEMENTS",
     "FUSED_LINEAR_CHUNK_ELEMENTS",
     "FUSED_LINEAR_MIN_ROWS",
-    "CPU_GRAD_IN_FORWARD",
+    "cpu_grad_in_forward",
+    "cpu_grad_in_forward_enabled",
     "interpreting",
 ]
 
@@ -50,8 +54,38 @@ FUSED_LINEAR_MIN_ROWS = 16
 # while each row is in cache, when a backward can follow; the backward only scales it. 2 exps per
 # logit instead of 5 and 5 logits' worth of DRAM traffic instead of 7 (csrc/renio_cpu_grad.cpp),
 # at the same peak memory (the gradient is allocated in the forward instead of the backward).
-# False gives the recompute-in-backward kernels, as on the other backends.
-CPU_GRAD_IN_FORWARD = True
+# ``cpu_grad_in_forward(False)`` gives the recompute-in-backward kernels, as on the other backends.
+_CPU_GRAD_IN_FORWARD = [True]
+# Deprecated: the old module-level switch. Assigning True/False still works, with a warning.
+CPU_GRAD_IN_FORWARD: bool | None = None
+
+
+@contextlib.contextmanager
+def cpu_grad_in_forward(enabled: bool):
+    """Within the block, whether the native CPU kernel forms the gradient in the forward
+    (default True); False recomputes it in the backward (one rounding of fp16/bf16 gradients
+    instead of two, at about twice the time)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"cpu_grad_in_forward takes a bool, got {enabled!r}")
+    previous = _CPU_GRAD_IN_FORWARD[0]
+    _CPU_GRAD_IN_FORWARD[0] = enabled
+    try:
+        yield
+    finally:
+        _CPU_GRAD_IN_FORWARD[0] = previous
+
+
+def cpu_grad_in_forward_enabled() -> bool:
+    legacy = CPU_GRAD_IN_FORWARD
+    if legacy is not None:  # assigned by a caller of the old module-level switch
+        warnings.warn(
+            "renio_kernels.config.CPU_GRAD_IN_FORWARD is deprecated; use "
+            "`with renio_kernels.config.cpu_grad_in_forward(False):`",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return bool(legacy)
+    return _CPU_GRAD_IN_FORWARD[0]
 
 
 def interpreting() -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from .ops import cpu
+from .ops.cpu import native as cpu
 
 __all__ = ["cpu_grad_cache_info", "empty_cpu_grad_cache", "set_cpu_grad_cache"]
 

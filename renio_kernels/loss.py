@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import (
+from . import config
+from .core.autograd import RowStatsFunction
+from .core.custom_ops import check_labels_async, row_stats_op
+from .core.options import call_options, kernel_params, picked_options, with_options_doc
+from .core.reduction import reduce_renio, reduce_sampled_rkl
+from .core.validation import (
+    check_backend,
     check_ema_state,
     check_labels_in_range,
     check_logits_inputs,
     last_dim_contiguous,
 )
-from .autograd import RowStatsFunction
-from .backends import BACKENDS, resolve_backend
-from .custom_ops import check_labels_async, row_stats_op, traced_options
-from .ops.params import DivergenceParams
-from .weights import ReNIOOptions, reduce_renio, reduce_sampled_rkl
+from .ops.backends import resolve_backend
+from .ops.rows import DenseTeacher, DivergenceParams
 
 __all__ = ["renio_loss", "sampled_reverse_kl_loss", "row_stats"]
 
@@ -32,44 +35,37 @@ def row_stats(
     """Validate, pick the backend, and run the row kernels: ``(d, ls[x], lt[x])``, each (B, T).
 
     Eager calls go straight to ``RowStatsFunction`` (no dispatcher overhead). Under
-    ``torch.compile`` the same kernels run through the ``renio::row_stats_*`` custom ops, which
+    ``torch.compile`` the same formulas run through the ``renio::row_stats_*`` custom ops, which
     Dynamo traces as single nodes, and the label check becomes an asynchronous device assert
     (``check_labels_async``) instead of a host sync that would break the graph.
     """
     check_logits_inputs(student_logits, teacher_logits, labels)
+    check_backend(backend)
+    student = last_dim_contiguous(student_logits)
+    teacher = DenseTeacher(last_dim_contiguous(teacher_logits.detach()))
+    unit_grad = config.cpu_grad_in_forward_enabled()
+    vocab = student.shape[-1]
     if torch.compiler.is_compiling():
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if check_labels:
-            check_labels_async(labels, student_logits.shape[-1], params.ignore_index)
-        return row_stats_op(
-            last_dim_contiguous(student_logits),
-            last_dim_contiguous(teacher_logits.detach()),
-            labels,
-            params,
-            backend,
-            with_divergence,
-        )
+            check_labels_async(labels, vocab, params.ignore_index)
+        return row_stats_op(student, teacher, labels, params, backend, with_divergence, unit_grad)
     if check_labels:
-        check_labels_in_range(labels, student_logits.shape[-1], params.ignore_index)
-    ops = resolve_backend(backend, student_logits.device)
+        check_labels_in_range(labels, vocab, params.ignore_index)
+    kernels = resolve_backend(backend, student.device, params.divergence, teacher.kind)
+    need_grad = student.requires_grad and torch.is_grad_enabled()
     return RowStatsFunction.apply(
-        last_dim_contiguous(student_logits),
-        last_dim_contiguous(teacher_logits.detach()),
-        labels,
-        params,
-        ops,
-        with_divergence,
-        torch.is_grad_enabled(),
+        student, labels, teacher, params, kernels, with_divergence, need_grad, unit_grad
     )
 
 
+@with_options_doc
 def renio_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     *,
     beta: float = 0.0,
+    divergence: str | None = None,
     temperature: float = 1.0,
     token_clip: float | None = None,
     use_renio: bool = True,
@@ -83,7 +79,7 @@ def renio_loss(
     ema_state: torch.Tensor | None = None,
     check_labels: bool = True,
 ):
-    """The ReNIO on-policy distillation loss (``shared/SPEC.md``), fused.
+    """The ReNIO on-policy distillation loss (``docs/SPEC.md``), fused.
 
     Args:
         student_logits: ``(B, T, Vs)`` fp32/fp16/bf16; position ``t`` predicts ``labels[b, t]``.
@@ -92,16 +88,8 @@ def renio_loss(
         teacher_logits: ``(B, T, Vt)`` with ``Vt >= Vs``; columns ``>= Vs`` are ignored. Never
             receives a gradient.
         labels: ``(B, T)`` int64 sampled tokens; ``ignore_index`` marks positions to skip.
-        beta: 0 forward KL(teacher||student), 1 reverse KL, otherwise generalized JSD.
-        temperature: divides both sides' logits before the softmax.
-        token_clip: clamp each element's divergence term to ``[0, token_clip]`` (None/0: off).
-        use_renio: False gives plain on-policy distillation (all weights 1).
-        ratio_clip: upper clip of the sampled-token log ratio ``ls[x] - lt[x]`` (None: off).
-        threshold: tokens with ratio ``>= threshold`` are pivotal.
-        weight_temperature: ``e_b = exp(rbar_b / weight_temperature)``.
-        weight_norm: ``"batch_mean"``, ``"clamp"``, ``"none"`` or ``"ema"``.
-        ignore_index: label value of positions without a loss.
-        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpu"`` (see ``backends``).
+        {options}
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpu"`` (see ``docs/backends.md``).
         return_stats: also return a dict of detached ``weights (B,)``, ``divergence (B,)``,
             ``log_ratio (B, T)`` (clipped, 0 at ignored positions) and ``selected (B, T)``.
         ema_state: for ``weight_norm="ema"``: a 0-dim float tensor holding the running mean
@@ -119,48 +107,18 @@ def renio_loss(
     forward KL they give ``d = +inf`` wherever the teacher has mass (unless clipped). A row that
     is ``-inf`` everywhere has no distribution and gives NaN.
     """
-    opts = call_options(
-        beta=beta,
-        temperature=temperature,
-        token_clip=token_clip,
-        use_renio=use_renio,
-        ratio_clip=ratio_clip,
-        threshold=threshold,
-        weight_temperature=weight_temperature,
-        weight_norm=weight_norm,
-        ignore_index=ignore_index,
-    )
-    check_ema_state(weight_norm, use_renio, ema_state, "ReNIOLoss")
-    params = params_from_options(opts)
+    opts = call_options(**picked_options(locals()))
+    check_ema_state(opts, ema_state, "ReNIOLoss")
     d, ls_x, lt_x = row_stats(
         student_logits,
         teacher_logits,
         labels,
-        params,
+        kernel_params(opts),
         backend=backend,
         with_divergence=True,
         check_labels=check_labels,
     )
     return reduce_renio(d, ls_x, lt_x, labels != ignore_index, opts, ema_state, return_stats)
-
-
-def call_options(**kw) -> ReNIOOptions:
-    """Validated options. Under ``torch.compile`` a float option may be traced as a symbolic
-    float (backed by a float64 tensor, Liger-Kernel #1362) on which ``ReNIOOptions``' checks
-    cannot run, so there the same ranges are checked with comparisons (which become guards) and
-    the values travel on symbolically; the custom ops receive real Python floats at run time."""
-    if not torch.compiler.is_compiling():
-        return ReNIOOptions(**kw)
-    return traced_options(**kw)
-
-
-def params_from_options(opts: ReNIOOptions) -> DivergenceParams:
-    return DivergenceParams(
-        beta=float(opts.beta),
-        temperature=float(opts.temperature),
-        token_clip=opts.token_clip,
-        ignore_index=opts.ignore_index,
-    )
 
 
 def sampled_reverse_kl_loss(
@@ -184,7 +142,7 @@ def sampled_reverse_kl_loss(
         student_logits,
         teacher_logits,
         labels,
-        params_from_options(opts),
+        kernel_params(opts),
         backend=backend,
         with_divergence=False,
         check_labels=check_labels,

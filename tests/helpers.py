@@ -85,7 +85,7 @@ def _core_backends() -> list:
 
     backends: list = ["torch", "triton"]
     if DEVICE == "cpu":
-        from renio_kernels.ops import cpu
+        from renio_kernels.ops.cpu import native as cpu
 
         built = cpu.load_extension() is not None
         reason = f"native CPU kernel unavailable: {cpu.extension_error()}"

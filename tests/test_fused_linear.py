@@ -7,8 +7,8 @@ import torch
 
 import renio_kernels as rk
 from renio_kernels import reference
-from renio_kernels.ops import linear_chunks
-from renio_kernels.ops.linear_chunks import plan_chunk_rows
+from renio_kernels.ops import linear as linear_chunks
+from renio_kernels.ops.linear import plan_chunk_rows
 from tests.helpers import INTERPRET, LINEAR_GRAD_RTOL, LOSS_RTOL, rel_err
 
 IGNORE = -100

@@ -52,7 +52,7 @@ def check(backend, dtype=torch.float32, grad_scale=-2.5, inputs=None, **kw):
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     from renio_kernels.config import TritonConfig
-    from renio_kernels.ops import triton_fwd
+    from renio_kernels.ops.triton import fwd as triton_fwd
 
     monkeypatch.setattr(triton_fwd, "TRITON", TritonConfig(block_v=16, interpret_block_v=16))
 
@@ -271,7 +271,7 @@ def test_gpu_memory_flat_over_iterations():
 def test_no_gradient_work_without_grad(monkeypatch):
     """Under no_grad (or a frozen student) the forward neither sums C nor saves tensors."""
     import renio_kernels.loss as loss_mod
-    from renio_kernels.backends import RowBackend, resolve_backend
+    from renio_kernels.ops.backends import RowBackend, resolve_backend
 
     calls = []
     real = resolve_backend("torch", torch.device("cpu"))
@@ -281,7 +281,7 @@ def test_no_gradient_work_without_grad(monkeypatch):
         return real.fwd(*args, **kwargs)
 
     spy = RowBackend("spy", fwd, real.bwd)
-    monkeypatch.setattr(loss_mod, "resolve_backend", lambda backend, device: spy)
+    monkeypatch.setattr(loss_mod, "resolve_backend", lambda *args, **kw: spy)
     s, t, labels = make_inputs()
     x = s.clone().requires_grad_()
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from renio_kernels import reference
-from renio_kernels.weights import sequence_weights
+from renio_kernels.core.reduction import sequence_weights
 from tests.helpers import make_inputs
 
 

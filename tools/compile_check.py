@@ -23,49 +23,62 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from renio_kernels.ops.triton_bwd import _renio_bwd_kernel  # noqa: E402
-from renio_kernels.ops.triton_fwd import _renio_fwd_kernel  # noqa: E402
+from renio_kernels.ops.divergences import DIVERGENCES  # noqa: E402
+from renio_kernels.ops.triton.bwd import _renio_bwd_kernel  # noqa: E402
+from renio_kernels.ops.triton.fwd import _renio_fwd_kernel  # noqa: E402
 
-SCALARS_FWD = {"T": "i32", "V": "i32", **{k: "i64" for k in (
-    "s_stride_b", "s_stride_t", "t_stride_b", "t_stride_t", "l_stride_b", "l_stride_t")},
-    "inv_tau": "fp32", "beta": "fp32", "log_beta": "fp32", "log_1m_beta": "fp32",
-    "token_clip": "fp32", "ignore_index": "i32"}  # fmt: skip
+# Argument types by name; the argument list itself is read from each kernel.
+_INT32 = ("T", "V", "ignore_index")
 
 
-def _fwd(dtype: str, beta_mode: int, clip: bool, with_div: bool, store_c: bool):
-    sig = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "labels_ptr": "*i64"}
-    sig |= {k: "*fp32" for k in ("lse_s_ptr", "lse_t_ptr", "ls_x_ptr", "lt_x_ptr")}
-    sig |= {
-        "d_ptr": "*fp32" if with_div else "constexpr",
-        "c_ptr": "*fp32" if store_c else "constexpr",
-    }
-    sig |= SCALARS_FWD
-    sig |= {k: "constexpr" for k in ("BETA_MODE", "CLIP", "WITH_DIVERGENCE", "STORE_C", "BLOCK_V")}
-    consts = {"BETA_MODE": beta_mode, "CLIP": clip, "WITH_DIVERGENCE": with_div,
+def _signature(kernel, dtype: str, consts: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("s_ptr", "t_ptr", "grad_ptr"):
+            sig[name] = f"*{dtype}"
+        elif name == "labels_ptr":
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif "stride" in name:
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32" if name in _INT32 else "fp32"
+    return sig
+
+
+def _source(kernel, dtype: str, consts: dict):
+    sig = _signature(kernel, dtype, consts)
+    return ASTSource(kernel, sig, {(list(sig).index(k),): v for k, v in consts.items()})
+
+
+def _fwd(dtype: str, mode: int, clip: bool, with_div: bool, store_c: bool):
+    consts = {"DIVERGENCE": mode, "CLIP": clip, "WITH_DIVERGENCE": with_div,
               "STORE_C": store_c, "BLOCK_V": 4096}  # fmt: skip
     if not with_div:
         consts["d_ptr"] = None
     if not store_c:
         consts["c_ptr"] = None
-    return ASTSource(_renio_fwd_kernel, sig, {(list(sig).index(k),): v for k, v in consts.items()})
+    return _source(_renio_fwd_kernel, dtype, consts)
 
 
-def _bwd(dtype: str, beta_mode: int, clip: bool, div: bool, sampled: bool):
-    sig = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "labels_ptr": "*i64"}
-    sig |= {"lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32"}
-    sig |= {"c_ptr": "*fp32" if div else "constexpr", "gd_ptr": "*fp32" if div else "constexpr"}
-    sig |= {"gx_ptr": "*fp32" if sampled else "constexpr", "grad_ptr": f"*{dtype}"}
-    sig |= SCALARS_FWD | {"g_stride_b": "i64", "g_stride_t": "i64"}
-    sig = {k: sig[k] for k in _renio_bwd_kernel.arg_names if k in sig}
-    sig |= {
-        k: "constexpr" for k in ("BETA_MODE", "CLIP", "HAS_DIV_GRAD", "HAS_SAMPLED_GRAD", "BLOCK_V")
-    }
-    consts = {"BETA_MODE": beta_mode, "CLIP": clip, "HAS_DIV_GRAD": div,
+def _bwd(dtype: str, mode: int, clip: bool, div: bool, sampled: bool):
+    consts = {"DIVERGENCE": mode, "CLIP": clip, "HAS_DIV_GRAD": div,
               "HAS_SAMPLED_GRAD": sampled, "BLOCK_V": 4096}  # fmt: skip
     for k, on in (("c_ptr", div), ("gd_ptr", div), ("gx_ptr", sampled)):
         if not on:
             consts[k] = None
-    return ASTSource(_renio_bwd_kernel, sig, {(list(sig).index(k),): v for k, v in consts.items()})
+    return _source(_renio_bwd_kernel, dtype, consts)
+
+
+FWD_FLAGS = ((True, True), (True, False), (False, False))  # (with_divergence, store_c)
+BWD_FLAGS = ((True, False), (False, True), (True, True))  # (divergence grad, sampled grad)
+
+
+def variant_count(n_dtypes: int) -> int:
+    return n_dtypes * len(DIVERGENCES) * 2 * (len(FWD_FLAGS) + len(BWD_FLAGS))
 
 
 def main() -> None:
@@ -76,13 +89,15 @@ def main() -> None:
     target = GPUTarget("cuda", args.arch, 32)
     dtypes = ("bf16",) if args.quick else ("fp32", "bf16", "fp16")
     n = 0
-    for dtype, mode, clip in itertools.product(dtypes, (0, 1, 2), (False, True)):
-        for with_div, store_c in ((True, True), (True, False), (False, False)):
+    modes = [d.mode for d in DIVERGENCES.values()]
+    for dtype, mode, clip in itertools.product(dtypes, modes, (False, True)):
+        for with_div, store_c in FWD_FLAGS:
             triton.compile(_fwd(dtype, mode, clip, with_div, store_c), target=target)
             n += 1
-        for div, sampled in ((True, False), (False, True), (True, True)):
+        for div, sampled in BWD_FLAGS:
             k = triton.compile(_bwd(dtype, mode, clip, div, sampled), target=target)
             n += 1
+    assert n == variant_count(len(dtypes))
     print(
         f"compiled {n} kernel variants for sm_{args.arch}; last: {k.metadata.num_warps} warps, "
         f"{k.metadata.shared} bytes shared"

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.options import ReNIOOptions
 from ..loss import renio_loss
-from ..weights import ReNIOOptions
 
 __all__ = [
     "ReNIOTrainerMixin",

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends import BACKENDS
+from ..core.options import ReNIOOptions
 from ..loss import renio_loss
-from ..weights import ReNIOOptions
+from ..ops.backends import BACKENDS
 from .hf import _fused_loss, fused_linear_supported, gathered_lm_head
 
 try:

@@ -139,10 +139,13 @@ def test_custom_op_opcheck():
     """torch.library.opcheck: schema (no undeclared mutation), fake impl, autograd."""
     s, t, labels = make_inputs(batch=2, seq=3, vocab=13)
     # store_c=False is only ever used when the student needs no gradient.
-    for with_div, store_c, grad in ((True, True, True), (True, False, False), (False, False, True)):
-        student = s.clone().requires_grad_(grad)
-        args = (student, t, labels, 0.5, 1.0, 0.05, -100, "torch", with_div, store_c)
-        torch.library.opcheck(torch.ops.renio.row_stats_fwd.default, args)
+    cases = ((True, True, True), (True, False, False), (False, False, True))
+    for backend, unit_grad in (("torch", False), ("cpu", True), ("cpu", False)):
+        for with_div, store_c, grad in cases:
+            student = s.clone().requires_grad_(grad)
+            args = (student, [t], labels, "dense", "jsd", 0.5, 1.0, 0.05, -100, backend,
+                    with_div, store_c, unit_grad)  # fmt: skip
+            torch.library.opcheck(torch.ops.renio.row_stats_fwd.default, args)
 
 
 @pytest.mark.gpu
@@ -196,8 +199,9 @@ def test_fused_linear_custom_op_opcheck():
     hs, ht = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 5, generator=g)
     ws, wt, bs = torch.randn(11, 6, generator=g), torch.randn(11, 5, generator=g), torch.randn(11)
     _, _, labels = make_inputs(batch=2, seq=3, vocab=11)
-    args = (
-        hs.requires_grad_(), ws.requires_grad_(), bs.requires_grad_(), ht, wt, None, labels,
-        0.5, 1.0, 0.3, -100, "torch", 2, True, True, True,
-    )  # fmt: skip
-    torch.library.opcheck(torch.ops.renio.fused_linear_fwd.default, args)
+    for direct in (False, True):
+        args = (
+            hs.requires_grad_(), ws.requires_grad_(), bs.requires_grad_(), ht, wt, None, labels,
+            "jsd", 0.5, 1.0, 0.3, -100, "torch", 2, True, True, True, direct,
+        )  # fmt: skip
+        torch.library.opcheck(torch.ops.renio.fused_linear_fwd.default, args)

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import renio_kernels
-from renio_kernels import backends, reference
-from renio_kernels.ops import cpu
-from renio_kernels.ops.params import DivergenceParams
+from renio_kernels import reference
+from renio_kernels.ops import backends
+from renio_kernels.ops.cpu import native as cpu
+from renio_kernels.ops.rows import DenseTeacher, DivergenceParams
 from tests.helpers import GRAD_RTOL, LOSS_RTOL, make_inputs, ref_loss_and_grad, rel_err
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -182,7 +183,7 @@ def test_shift_invariance_and_identical_inputs():
 def test_out_of_range_label_unchecked_gives_nan():
     s, t, labels = make_inputs(2, 3, 20, ignore="none", seed=11)
     labels[1, 1] = 20
-    stats = cpu.renio_fwd_cpu(s, t, labels, DivergenceParams())
+    stats = cpu.renio_fwd_cpu(s, DenseTeacher(t), labels, DivergenceParams())
     for x in (stats.ls_x, stats.lt_x, stats.d):
         assert torch.isnan(x[1, 1]) and not torch.isnan(x[0]).any()
     for loss_fn in (renio_kernels.renio_loss, renio_kernels.sampled_reverse_kl_loss):
@@ -215,17 +216,17 @@ def poisoned_empty():
 def test_kernels_write_every_output(poisoned_empty, dtype):
     s, t, labels = make_inputs(3, 5, 70, ignore="row", dtype=dtype, seed=13)
     params = DivergenceParams(beta=0.5, token_clip=0.05)
-    stats = cpu.renio_fwd_cpu(s, t, labels, params, with_divergence=False)
+    stats = cpu.renio_fwd_cpu(s, DenseTeacher(t), labels, params, with_divergence=False)
     assert stats.c is None and not torch.isnan(stats.lse_s).any()
     assert torch.equal(stats.d, torch.zeros_like(stats.d))
-    stats = cpu.renio_fwd_cpu(s, t, labels, params)
+    stats = cpu.renio_fwd_cpu(s, DenseTeacher(t), labels, params)
     for x in stats:
         assert not torch.isnan(x).any()
     ignored = labels == -100
     assert (stats.d[ignored] == 0).all() and (stats.lse_s[ignored] == 0).all()
     gd, gx = torch.randn(labels.shape), torch.randn(labels.shape)
     for grads in ((gd, None), (None, gx), (gd, gx)):
-        grad = cpu.renio_bwd_cpu(s, t, labels, params, stats, *grads)
+        grad = cpu.renio_bwd_cpu(s, DenseTeacher(t), labels, params, stats, *grads)
         assert not torch.isnan(grad).any()
         assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
 

@@ -16,10 +16,10 @@ import torch
 
 import renio_kernels
 from renio_kernels import config
-from renio_kernels.autograd import RowStatsFunction
-from renio_kernels.backends import resolve_backend
-from renio_kernels.ops import cpu
-from renio_kernels.ops.params import DivergenceParams
+from renio_kernels.core.autograd import RowStatsFunction
+from renio_kernels.ops.backends import resolve_backend
+from renio_kernels.ops.cpu import native as cpu
+from renio_kernels.ops.rows import DenseTeacher, DivergenceParams
 from tests.helpers import GRAD_RTOL, LOSS_RTOL, make_inputs, ref_loss_and_grad, rel_err
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,9 +32,10 @@ def _extension():
 
 
 @pytest.fixture
-def recompute(monkeypatch):
-    """The recompute-in-backward kernels, as with config.CPU_GRAD_IN_FORWARD = False."""
-    monkeypatch.setattr(config, "CPU_GRAD_IN_FORWARD", False)
+def recompute():
+    """The recompute-in-backward kernels."""
+    with config.cpu_grad_in_forward(False):
+        yield
 
 
 def _loss_and_grad(s, t, labels, grad_scale=1.7, **kw):
@@ -57,12 +58,12 @@ def test_recompute_path_matches_reference(recompute, dtype, beta, token_clip):
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_both_paths_agree(monkeypatch, beta):
+def test_both_paths_agree(beta):
     s, t, labels = make_inputs(4, 5, 4100, seed=2)
     kw = dict(beta=beta, token_clip=0.05, temperature=0.8)
     loss_fwd, grad_fwd = _loss_and_grad(s, t, labels, **kw)
-    monkeypatch.setattr(config, "CPU_GRAD_IN_FORWARD", False)
-    loss_bwd, grad_bwd = _loss_and_grad(s, t, labels, **kw)
+    with config.cpu_grad_in_forward(False):
+        loss_bwd, grad_bwd = _loss_and_grad(s, t, labels, **kw)
     # Same math, different exps (stored and rescaled vs recomputed): a few fp32 ulps.
     assert abs(loss_fwd.item() - loss_bwd.item()) <= 1e-6 * abs(loss_bwd.item())
     assert rel_err(grad_fwd, grad_bwd) <= 2e-6
@@ -90,7 +91,9 @@ def test_a_loss_through_d_and_ls_x_falls_back():
     for name in ("cpu", "torch"):
         x = s.clone().requires_grad_()
         backend = resolve_backend(name, x.device)
-        d, ls_x, _ = RowStatsFunction.apply(x, t, labels, params, backend, True, True)
+        d, ls_x, _ = RowStatsFunction.apply(
+            x, labels, DenseTeacher(t), params, backend, True, True, True
+        )
         ((d * a).sum() + (ls_x * b).sum()).backward()
         grads.append(x.grad)
     assert rel_err(grads[0], grads[1]) <= 2e-6
@@ -189,15 +192,15 @@ def test_cache_off(fresh_cache):
 def test_fwd_grad_launcher(dtype):
     s, t, labels = make_inputs(3, 5, 70, ignore="row", dtype=dtype, seed=8)
     params = DivergenceParams(beta=0.5, token_clip=0.05)
-    stats, unit = cpu.renio_fwd_grad_cpu(s, t, labels, params)
-    ref_stats = cpu.renio_fwd_cpu(s, t, labels, params)
+    stats, unit = cpu.renio_fwd_grad_cpu(s, DenseTeacher(t), labels, params)
+    ref_stats = cpu.renio_fwd_cpu(s, DenseTeacher(t), labels, params)
     for x, y in zip(stats, ref_stats, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     ignored = labels == -100
     assert unit.dtype == dtype and unit.is_contiguous()
     assert torch.equal(unit[ignored], torch.zeros_like(unit[ignored]))
     gd = torch.randn(labels.shape)
-    expected = cpu.renio_bwd_cpu(s, t, labels, params, ref_stats, gd, None)
+    expected = cpu.renio_bwd_cpu(s, DenseTeacher(t), labels, params, ref_stats, gd, None)
     scaled = cpu.renio_scale_grad_cpu(unit, gd, labels, -100)
     assert scaled is unit
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
@@ -237,3 +240,14 @@ def test_no_buffer_leak_over_100_steps(fresh_cache):
         info = renio_kernels.cpu_grad_cache_info()
         counts.append((info["allocations"], info["cached_buffers"]))
     assert counts[-1] == counts[1] and counts[-1][1] == 1
+
+
+def test_the_deprecated_module_switch_still_works(monkeypatch):
+    s, t, labels = make_inputs(2, 3, 500, seed=9)
+    _, grad_default = _loss_and_grad(s, t, labels, token_clip=0.05)
+    with config.cpu_grad_in_forward(False):
+        _, grad_recompute = _loss_and_grad(s, t, labels, token_clip=0.05)
+    monkeypatch.setattr(config, "CPU_GRAD_IN_FORWARD", False, raising=False)
+    with pytest.warns(DeprecationWarning, match="cpu_grad_in_forward"):
+        _, grad_legacy = _loss_and_grad(s, t, labels, token_clip=0.05)
+    assert torch.equal(grad_legacy, grad_recompute)

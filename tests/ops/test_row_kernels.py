@@ -7,8 +7,8 @@ forgets to write shows up instead of passing on a lucky zero.
 import pytest
 import torch
 
-from renio_kernels.ops.params import DivergenceParams
-from renio_kernels.ops.torch_chunked import renio_bwd_torch, renio_fwd_torch, row_chunks
+from renio_kernels.ops.rows import DenseTeacher, DivergenceParams
+from renio_kernels.ops.torch.chunked import renio_bwd_torch, renio_fwd_torch, row_chunks
 from tests.helpers import DEVICE, HAS_CUDA, INTERPRET, make_inputs
 
 _real_empty = torch.empty
@@ -38,8 +38,8 @@ def _ref_rows(s, t, labels, params):
 
 
 def _backends():
-    from renio_kernels.ops.triton_bwd import renio_bwd
-    from renio_kernels.ops.triton_fwd import renio_fwd
+    from renio_kernels.ops.triton.bwd import renio_bwd
+    from renio_kernels.ops.triton.fwd import renio_fwd
 
     return {"torch": (renio_fwd_torch, renio_bwd_torch), "triton": (renio_fwd, renio_bwd)}
 
@@ -51,7 +51,9 @@ def test_forward_writes_every_output(backend, with_divergence, poison):
     s, t, labels = make_inputs(batch=3, seq=4, vocab=53, teacher_vocab=60, device=DEVICE)
     params = DivergenceParams(beta=0.5, temperature=1.3, token_clip=0.05)
     kw = {"block_v": 16} if backend == "triton" else {"chunk_elements": 64}
-    stats = fwd(s, t, labels, params, with_divergence=with_divergence, store_c=True, **kw)
+    stats = fwd(
+        s, DenseTeacher(t), labels, params, with_divergence=with_divergence, store_c=True, **kw
+    )
     for name in ("lse_s", "lse_t", "ls_x", "lt_x", "d"):
         assert torch.isfinite(getattr(stats, name)).all(), name
     assert (stats.c is not None) == with_divergence
@@ -73,10 +75,10 @@ def test_backward_terms_match_autograd(backend, terms, poison):
     s, t, labels = make_inputs(batch=2, seq=3, vocab=41, device=DEVICE)
     params = DivergenceParams(beta=1.0, temperature=0.8, token_clip=0.05)
     kw = {"block_v": 16} if backend == "triton" else {"chunk_elements": 41 * 2}
-    stats = fwd(s, t, labels, params, with_divergence=True, store_c=True, **kw)
+    stats = fwd(s, DenseTeacher(t), labels, params, with_divergence=True, store_c=True, **kw)
     gd = torch.randn(labels.shape, device=labels.device) if terms != "sampled" else None
     gx = torch.randn(labels.shape, device=labels.device) if terms != "div" else None
-    grad = bwd(s, t, labels, params, stats, gd, gx, **kw)
+    grad = bwd(s, DenseTeacher(t), labels, params, stats, gd, gx, **kw)
 
     s64 = s.double().requires_grad_()
     d, _, mask = reference.per_token(
@@ -105,7 +107,7 @@ def test_row_chunks_cover_every_row_once(batch, seq, vocab, chunk):
 
 def test_torch_backend_chunk_size_does_not_change_results(monkeypatch):
     import renio_kernels as rk
-    import renio_kernels.ops.torch_chunked as tc
+    import renio_kernels.ops.torch.chunked as tc
 
     s, t, labels = make_inputs(batch=3, seq=6, vocab=29)
     results = []

@@ -23,6 +23,7 @@ the operands (``Gemm``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator
@@ -31,8 +32,21 @@ from dataclasses import dataclass
 import torch
 
 from ..config import FUSED_LINEAR_CHUNK_ELEMENTS, FUSED_LINEAR_MIN_ROWS
+from .backends import resolve_backend
+from .rows import DenseTeacher, DivergenceParams, RowBackend, RowStats
 
-__all__ = ["Gemm", "LinearSide", "GradBuffers", "plan_chunk_rows", "chunk_bounds"]
+__all__ = [
+    "Gemm",
+    "GradBuffers",
+    "LinearSide",
+    "SweepPlan",
+    "chunk_bounds",
+    "flat_rows",
+    "forward_sweep",
+    "grad_sweep",
+    "no_autocast",
+    "plan_chunk_rows",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -137,8 +151,8 @@ class GradBuffers:
     """The student's gradients being formed; None for an input that does not need one."""
 
     hidden: torch.Tensor | None  # (N, H), written per chunk
-    weight: torch.Tensor | None  # (V, H) fp32 accumulator
-    bias: torch.Tensor | None  # (V,) fp32 accumulator
+    weight: torch.Tensor | None = None  # (V, H) fp32 accumulator
+    bias: torch.Tensor | None = None  # (V,) fp32 accumulator
 
     @staticmethod
     def allocate(
@@ -171,3 +185,139 @@ class GradBuffers:
                 self.weight.addmm_(g_op.T, h_op)
         if self.bias is not None:
             self.bias.add_(g.sum(0))
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What every sweep of one call needs besides the tensors."""
+
+    params: DivergenceParams
+    backend: RowBackend
+    rows: int  # tokens per chunk
+    want: tuple[bool, bool, bool]  # gradients wanted: student hidden, weight, bias
+
+    @staticmethod
+    def build(params, backend: str, h_s, w_s, h_t, labels, chunk_size, want) -> SweepPlan:
+        """The plan of one call: the resolved row kernels and the tokens per chunk."""
+        rows = plan_chunk_rows(
+            labels.numel(), w_s.shape[0], h_s.shape[-1], h_t.shape[-1], h_s.device, chunk_size
+        )
+        kernels = resolve_backend(backend, h_s.device, params.divergence)
+        return SweepPlan(params, kernels, rows, tuple(want))
+
+
+def no_autocast(device: torch.device):
+    # Under autocast the chunk matmuls would run in bf16 and round the logits (Liger #305/#1432).
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def flat_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """``(B * T, H)`` rows: a view when the layout allows, else one copy."""
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def sides(h_s, w_s, b_s, h_t, w_t, b_t) -> tuple[LinearSide, LinearSide]:
+    vocab = w_s.shape[0]
+    # The teacher's columns >= Vs are ignored by the loss, so they are never computed.
+    teacher = LinearSide.build(h_t, w_t[:vocab], None if b_t is None else b_t[:vocab])
+    return LinearSide.build(h_s, w_s, b_s), teacher
+
+
+def _chunk(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of a flat per-token tensor, shaped as the row kernels' ``(1, rows)``."""
+    return x[r0:r1].view(1, r1 - r0, *x.shape[1:])
+
+
+def _chunk_logits(student: LinearSide, teacher: LinearSide, r0: int, r1: int):
+    return student.logits(r0, r1).unsqueeze(0), DenseTeacher(teacher.logits(r0, r1).unsqueeze(0))
+
+
+def _stats_sweep(
+    student: LinearSide,
+    teacher: LinearSide,
+    labels: torch.Tensor,
+    plan: SweepPlan,
+    grads: GradBuffers | None,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """Forward sweep: a ``(6, N)`` fp32 tensor of ``lse_s, lse_t, ls_x, lt_x, d, C`` per token.
+
+    With ``grads`` it also accumulates the student's gradients from the logits already in hand,
+    at ``dL/dd = scale`` per token, or at unit scale when ``scale`` is None.
+    """
+    n_rows = labels.shape[0]
+    out = torch.zeros((6, n_rows), dtype=torch.float32, device=labels.device)
+    fwd_grad = plan.backend.fwd_grad
+    for r0, r1 in chunk_bounds(n_rows, plan.rows):
+        logits_s, logits_t = _chunk_logits(student, teacher, r0, r1)
+        lab = _chunk(labels, r0, r1)
+        g = None
+        if grads is not None and fwd_grad is not None:
+            # The native CPU kernel forms the unit-scale gradient in the same sweeps as the stats.
+            stats, g = fwd_grad(logits_s, logits_t, lab, plan.params)
+            if scale is not None:
+                plan.backend.scale_grad(g, _chunk(scale, r0, r1), lab, plan.params.ignore_index)
+        else:
+            stats = plan.backend.fwd(
+                logits_s, logits_t, lab, plan.params, with_divergence=True, store_c=any(plan.want)
+            )
+        for i, x in enumerate(stats):
+            if x is not None:
+                out[i, r0:r1] = x.view(-1)
+        if grads is not None and g is None:
+            if scale is None:
+                row_scale = torch.ones_like(lab, dtype=torch.float32)
+            else:
+                row_scale = _chunk(scale, r0, r1)
+            g = plan.backend.bwd(logits_s, logits_t, lab, plan.params, stats, row_scale, None)
+        # Freed before the next chunk's logits exist, so at most one chunk is alive.
+        del logits_s, logits_t
+        if g is not None:
+            grads.accumulate(g.view(r1 - r0, -1), student, r0, r1)
+            del g
+    return out
+
+
+def forward_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, plan: SweepPlan, scale=None):
+    """The forward sweep over token chunks: stacked per-row stats ``(6, N)`` and the gradient
+    buffers it formed (fp32; None when nothing is wanted).
+
+    ``scale=None``: ``u @ Ws`` per token at unit scale when ``plan.want`` asks for grad_hidden
+    (the backward scales the rows by ``dL/dd``). ``scale`` (N,): every wanted gradient at
+    ``dL/dd = scale``, for a loss whose gradient scale is known in the forward up to one scalar.
+    """
+    want_h = plan.want[0]
+    if scale is not None and any(plan.want):
+        grads = GradBuffers.allocate(flat_s, w_s, plan.want, hidden_dtype=torch.float32)
+    elif scale is None and want_h:
+        grads = GradBuffers(torch.empty(flat_s.shape, dtype=torch.float32, device=flat_s.device))
+    else:
+        grads = None
+    with no_autocast(flat_s.device):
+        student, teacher = sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
+        out = _stats_sweep(student, teacher, flat_labels, plan, grads, scale)
+    return out, grads
+
+
+def grad_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, labels, plan: SweepPlan, saved, grad_d):
+    """Backward sweep: recompute the logits per chunk and accumulate the student's weight and
+    bias gradients (fp32) at ``dL/dd = grad_d`` (N,); ``saved`` is ``(lse_s, lse_t, C)``."""
+    grads = GradBuffers.allocate(flat_s, w_s, (False, *plan.want[1:]))
+    lse_s, lse_t, c = saved.unbind(0)
+    with no_autocast(flat_s.device):
+        student, teacher = sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
+        for r0, r1 in chunk_bounds(labels.shape[0], plan.rows):
+            logits_s, logits_t = _chunk_logits(student, teacher, r0, r1)
+            stats = RowStats(
+                _chunk(lse_s, r0, r1), _chunk(lse_t, r0, r1), None, None, None, _chunk(c, r0, r1)
+            )
+            lab = _chunk(labels, r0, r1)
+            g = plan.backend.bwd(
+                logits_s, logits_t, lab, plan.params, stats, _chunk(grad_d, r0, r1), None
+            )
+            del logits_s, logits_t
+            grads.accumulate(g.view(r1 - r0, -1), student, r0, r1)
+            del g
+    return grads

@@ -1,13 +1,9 @@
 """Element-wise math shared by the forward and backward Triton kernels.
 
 For one vocabulary tile of a row, with ``ls``/``lt`` the student/teacher log-probabilities
-(already divided by the temperature and normalized) and ``ps = exp(ls)``, ``pt = exp(lt)``:
-
-    beta == 0 (forward KL):  e = pt (lt - ls)                      de/dls = -pt
-    beta == 1 (reverse KL):  e = ps (ls - lt)                      de/dls = ps (ls - lt + 1)
-    otherwise (JSD), m = (1 - beta) ps + beta pt:
-        e = beta pt (lt - log m) + (1 - beta) ps (ls - log m)
-        de/dls = (1 - beta) ps (ls - log m)
+(already divided by the temperature and normalized) and ``ps = exp(ls)``, ``pt = exp(lt)``, the
+term ``e`` and ``de/dls`` of each divergence in ``ops.divergences`` (the ``DIVERGENCE``
+constexpr is its ``mode``).
 
 A term whose probability is exactly 0 is 0 (so ``-inf`` logits never produce ``0 * -inf``), but
 the guard tests ``p == 0``, not ``p > 0``: a NaN probability keeps its NaN. With the token clip,
@@ -23,6 +19,13 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ..divergences import DIVERGENCES
+
+_FORWARD_KL = tl.constexpr(DIVERGENCES["forward_kl"].mode)
+_REVERSE_KL = tl.constexpr(DIVERGENCES["reverse_kl"].mode)
+_JSD = tl.constexpr(DIVERGENCES["jsd"].mode)
+_TVD = tl.constexpr(DIVERGENCES["tvd"].mode)
 
 
 @triton.jit
@@ -40,19 +43,24 @@ def _divergence_terms(
     log_beta,
     log_1m_beta,
     token_clip,
-    BETA_MODE: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
     CLIP: tl.constexpr,
 ):
     """Return ``(e, de/dls, ps)`` for one tile (clamped and gated when ``CLIP``)."""
     ps = tl.exp(ls)
     pt = tl.exp(lt)
-    if BETA_MODE == 0:
+    if DIVERGENCE == _FORWARD_KL:
         e = pt * tl.where(pt == 0.0, 0.0, lt - ls)
         de = -pt
-    elif BETA_MODE == 1:
+    elif DIVERGENCE == _REVERSE_KL:
         diff = tl.where(ps == 0.0, 0.0, ls - lt)
         e = ps * diff
         de = ps * (diff + 1.0)
+    elif DIVERGENCE == _TVD:
+        diff = ps - pt
+        e = 0.5 * tl.abs(diff)
+        # sign(ps - pt) * ps / 2: the subgradient 0 at exact ties
+        de = tl.where(diff > 0.0, 0.5 * ps, tl.where(diff < 0.0, -0.5 * ps, 0.0))
     else:
         log_m = _logaddexp(ls + log_1m_beta, lt + log_beta)
         s_term = ps * tl.where(ps == 0.0, 0.0, ls - log_m)
@@ -60,7 +68,7 @@ def _divergence_terms(
         e = beta * t_term + (1.0 - beta) * s_term
         de = (1.0 - beta) * s_term
     if CLIP:
-        if BETA_MODE == 2:
+        if DIVERGENCE == _JSD:
             de = tl.where(e <= token_clip, de, 0.0)
         else:
             de = tl.where((e >= 0.0) & (e <= token_clip), de, 0.0)

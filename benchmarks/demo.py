@@ -1,4 +1,4 @@
-"""``python -m renio_kernels.demo``: the bare loss on random large-vocabulary logits.
+"""``python -m benchmarks.demo``: the bare loss on random large-vocabulary logits.
 
 Prints the loss, the ReNIO weights, the time and the peak extra memory of one forward+backward,
 next to the same numbers for the reference (the paper trainer's eager code path).
@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from . import reference, renio_loss
+from renio_kernels import reference, renio_loss
+
 from .memory import peak_extra_bytes
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         ("reference", reference.renio_loss, {}),
     )
     # Every timing first: measuring memory pins glibc's mmap threshold for the whole process,
-    # which slows later large allocations (renio_kernels.memory.pin_mmap_threshold).
+    # which slows later large allocations (benchmarks.memory.pin_mmap_threshold).
     timed = [_step(fn, s, t, labels, {**kw, **extra}) for _, fn, extra in providers]
     rows = []
     for (name, fn, extra), (loss, w, secs) in zip(providers, timed, strict=True):

@@ -9,72 +9,11 @@ backward are handled by torch, and the kernels' backward only receives a per-row
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-__all__ = ["WEIGHT_NORMS", "ReNIOOptions", "sequence_weights", "reduce_renio", "reduce_sampled_rkl"]
+from .options import WEIGHT_NORMS, ReNIOOptions
 
-WEIGHT_NORMS = ("batch_mean", "clamp", "none", "ema")
-
-
-@dataclass(frozen=True)
-class ReNIOOptions:
-    """Every option of the ReNIO loss (SPEC.md names and defaults), validated on construction."""
-
-    beta: float = 0.0
-    temperature: float = 1.0
-    token_clip: float | None = None
-    use_renio: bool = True
-    ratio_clip: float | None = 2.5
-    threshold: float = 0.8
-    weight_temperature: float = 1.0
-    weight_norm: str = "batch_mean"
-    ignore_index: int = -100
-
-    def __post_init__(self) -> None:
-        def real(name: str, value, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a real number, got {value!r}")
-            if math.isnan(value):
-                raise ValueError(f"{name} must not be NaN")
-
-        real("beta", self.beta)
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(
-                f"beta must be in [0, 1] (0: forward KL, 1: reverse KL, between: JSD), "
-                f"got {self.beta}"
-            )
-        real("temperature", self.temperature)
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
-        real("token_clip", self.token_clip, allow_none=True)
-        if self.token_clip is not None and self.token_clip < 0:
-            raise ValueError(
-                f"token_clip must be None (off), 0 (off) or > 0, got {self.token_clip}"
-            )
-        real("ratio_clip", self.ratio_clip, allow_none=True)
-        real("threshold", self.threshold)
-        real("weight_temperature", self.weight_temperature)
-        if not (self.weight_temperature > 0 and math.isfinite(self.weight_temperature)):
-            raise ValueError(
-                f"weight_temperature must be finite and > 0, got {self.weight_temperature}"
-            )
-        if self.weight_norm not in WEIGHT_NORMS:
-            raise ValueError(
-                f"unknown weight_norm {self.weight_norm!r}; expected one of {WEIGHT_NORMS}"
-            )
-        if not isinstance(self.use_renio, bool):
-            raise ValueError(f"use_renio must be a bool, got {self.use_renio!r}")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
-
-    @property
-    def clip_on(self) -> bool:
-        return self.token_clip is not None and self.token_clip > 0
+__all__ = ["sequence_weights", "reduce_renio", "reduce_sampled_rkl", "update_ema"]
 
 
 def sequence_weights(
@@ -130,13 +69,12 @@ def reduce_renio(
     opts: ReNIOOptions,
     ema_state: torch.Tensor | None,
     return_stats: bool,
-    ema_update: bool = True,
 ):
     """Loss ``mean_b(w_b * D_b)`` from per-row ``d``, ``ls[x]``, ``lt[x]`` (all ``(B, T)`` fp32).
 
     ``d`` must already be 0 at ignored positions (every backend writes it so). With
-    ``weight_norm="ema"`` the running mean ``ema_state`` is used and, if ``ema_update``, advanced
-    in place. The weights are
+    ``weight_norm="ema"`` the running mean ``ema_state`` is used and advanced in place. The
+    weights are
     computed in float64 from detached values: they are (B)-sized, and float64 keeps
     ``exp(rbar / weight_temperature)`` and its normalization exact for any option values.
     """
@@ -154,7 +92,7 @@ def reduce_renio(
         weight_norm=opts.weight_norm,
         ema_mean=ema_state,
     )
-    if opts.weight_norm == "ema" and ema_state is not None and ema_update:
+    if opts.weight_norm == "ema" and ema_state is not None:
         update_ema(ema_state, mean_e)
     if not opts.use_renio:
         w = torch.ones_like(w)

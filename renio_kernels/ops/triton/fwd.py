@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import TRITON, interpreting
-from .params import DivergenceParams, RowStats
-from .triton_math import _divergence_terms, _row_pointers
+from ...config import TRITON, interpreting
+from ..rows import DenseTeacher, DivergenceParams, RowStats
+from .math import _divergence_terms, _row_pointers
 
 __all__ = ["renio_fwd"]
 
@@ -65,7 +65,7 @@ def _renio_fwd_kernel(
     token_clip,
     ignore_index,
     # constexprs
-    BETA_MODE: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
     CLIP: tl.constexpr,
     WITH_DIVERGENCE: tl.constexpr,
     STORE_C: tl.constexpr,
@@ -129,7 +129,7 @@ def _renio_fwd_kernel(
                     log_beta,
                     log_1m_beta,
                     token_clip,
-                    BETA_MODE,
+                    DIVERGENCE,
                     CLIP,
                 )
                 d_acc += e
@@ -156,7 +156,7 @@ def _block_v(vocab: int, block_v: int | None) -> int:
 
 def renio_fwd(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher_input: DenseTeacher,
     labels: torch.Tensor,
     params: DivergenceParams,
     *,
@@ -166,6 +166,7 @@ def renio_fwd(
     num_warps: int | None = None,
 ) -> RowStats:
     """Row statistics of ``(B, T, Vs)`` student and ``(B, T, Vt >= Vs)`` teacher logits."""
+    teacher = teacher_input.logits
     assert student.dim() == 3 and teacher.dim() == 3 and labels.dim() == 2
     batch, seq, vocab = student.shape
     assert teacher.shape[:2] == (batch, seq) and teacher.shape[2] >= vocab
@@ -205,7 +206,7 @@ def renio_fwd(
             params.log_1m_beta,
             params.clip_value,
             params.ignore_index,
-            BETA_MODE=params.beta_mode,
+            DIVERGENCE=params.mode,
             CLIP=params.clip_on,
             WITH_DIVERGENCE=with_divergence,
             STORE_C=store_c,

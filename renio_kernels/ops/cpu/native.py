@@ -15,6 +15,7 @@ after one warning and callers fall back to the torch backend.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import warnings
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .params import DivergenceParams, RowStats
+from ..rows import DenseTeacher, DivergenceParams, RowStats
 
 __all__ = [
     "load_extension",
@@ -39,8 +40,8 @@ __all__ = [
 
 # A source checkout (or editable install) compiles the repository's csrc/; a built wheel carries a
 # copy in renio_kernels/_csrc (setup.py).
-_PACKAGED = Path(__file__).resolve().parents[1] / "_csrc"
-CSRC = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
+_PACKAGED = Path(__file__).resolve().parents[2] / "_csrc"
+CSRC = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[3] / "csrc"
 SOURCES = ("renio_cpu.cpp", "renio_cpu_grad.cpp", "renio_cpu_pool.cpp")
 HEADERS = ("renio_cpu_math.h", "renio_cpu_rows.h", "renio_cpu_pool.h")
 _LIBRARY = "renio_kernels_cpu"
@@ -166,8 +167,19 @@ def extension_error() -> str | None:
 
 
 def _ops():
-    assert load_extension() is not None, f"native CPU kernel unavailable: {extension_error()}"
+    if load_extension() is None:
+        raise RuntimeError(f"the native CPU kernel is unavailable: {extension_error()}")
     return getattr(torch.ops, _LIBRARY)
+
+
+@functools.cache
+def _declared_divergences() -> tuple[str, ...]:
+    return tuple(_ops().divergence_names())
+
+
+def divergences() -> frozenset[str]:
+    """The divergences the built extension implements, as it declares them."""
+    return frozenset(_declared_divergences())
 
 
 def _scalars(params: DivergenceParams) -> tuple:
@@ -177,7 +189,7 @@ def _scalars(params: DivergenceParams) -> tuple:
         params.log_beta,
         params.log_1m_beta,
         params.clip_value,
-        params.beta_mode,
+        _declared_divergences().index(params.divergence),
         params.clip_on,
         int(params.ignore_index),
     )
@@ -185,7 +197,7 @@ def _scalars(params: DivergenceParams) -> tuple:
 
 def renio_fwd_cpu(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher_input: DenseTeacher,
     labels: torch.Tensor,
     params: DivergenceParams,
     *,
@@ -193,6 +205,7 @@ def renio_fwd_cpu(
     store_c: bool = True,
 ) -> RowStats:
     """Row statistics of ``(B, T, Vs)`` student and ``(B, T, Vt >= Vs)`` teacher CPU logits."""
+    teacher = teacher_input.logits
     assert student.dim() == 3 and teacher.dim() == 3 and labels.dim() == 2
     assert student.stride(-1) == 1 and teacher.stride(-1) == 1
     store_c = store_c and with_divergence
@@ -203,7 +216,7 @@ def renio_fwd_cpu(
 
 def renio_bwd_cpu(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher_input: DenseTeacher,
     labels: torch.Tensor,
     params: DivergenceParams,
     stats: RowStats,
@@ -211,6 +224,7 @@ def renio_bwd_cpu(
     grad_ls_x: torch.Tensor | None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_d * d) + sum(grad_ls_x * ls[x])`` w.r.t. the student logits."""
+    teacher = teacher_input.logits
     assert grad_d is not None or grad_ls_x is not None
     assert grad_d is None or stats.c is not None, "forward ran without store_c"
 
@@ -233,7 +247,7 @@ def renio_bwd_cpu(
 
 def renio_fwd_grad_cpu(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher_input: DenseTeacher,
     labels: torch.Tensor,
     params: DivergenceParams,
 ) -> tuple[RowStats, torch.Tensor]:
@@ -242,6 +256,7 @@ def renio_fwd_grad_cpu(
     ``u`` is ``(B, T, Vs)`` in the student's dtype, zero on ignored rows; ``dL/dd * u`` is the
     gradient of a loss through ``d`` (``renio_scale_grad_cpu`` applies the scale in place).
     """
+    teacher = teacher_input.logits
     assert student.dim() == 3 and teacher.dim() == 3 and labels.dim() == 2
     assert student.stride(-1) == 1 and teacher.stride(-1) == 1
     out, unit = _ops().renio_fwd_grad(student, teacher, labels, *_scalars(params))

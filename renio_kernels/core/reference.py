@@ -1,6 +1,6 @@
 """Plain-PyTorch ReNIO loss: the test oracle and the paper trainer's code path.
 
-Everything here follows ``shared/SPEC.md`` line by line, materializing every ``(B, T, V)``
+Everything here follows ``docs/SPEC.md`` line by line, materializing every ``(B, T, V)``
 intermediate the way the paper's eager trainer does. It runs in any floating dtype; the tests
 call it on float64 copies of the inputs. It is deliberately simple and slow: the fused backends
 are checked against it, never the other way round.
@@ -19,7 +19,8 @@ import math
 
 import torch
 
-from .weights import WEIGHT_NORMS, sequence_weights
+from .options import WEIGHT_NORMS
+from .reduction import sequence_weights
 
 __all__ = [
     "WEIGHT_NORMS",

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_logits_inputs", "check_labels_in_range", "last_dim_contiguous"]
+from ..ops.backends import BACKENDS
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "check_backend",
+    "check_chunk_size",
+    "check_fused_linear_inputs",
+    "check_ema_state",
+    "check_labels_in_range",
+    "check_logits_inputs",
+    "last_dim_contiguous",
+]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -72,6 +83,11 @@ def check_logits_inputs(student: torch.Tensor, teacher: torch.Tensor, labels: to
     check_same_device(student_logits=student, teacher_logits=teacher, labels=labels)
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     named = [(k, v) for k, v in tensors.items() if v is not None]
     first_name, first = named[0]
@@ -98,11 +114,92 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -
         )
 
 
-def check_ema_state(weight_norm: str, use_renio: bool, ema_state, module: str) -> None:
+def check_ema_state(opts, ema_state, module: str) -> None:
     """``weight_norm="ema"`` needs somewhere to keep its running mean."""
-    if weight_norm == "ema" and use_renio and ema_state is None:
+    if opts.weight_norm == "ema" and opts.use_renio and ema_state is None:
         raise ValueError(
             f"weight_norm='ema' keeps a running mean across calls: use "
             f"renio_kernels.{module}(weight_norm='ema'), or pass "
             "ema_state=torch.full((), float('nan')) and keep it between calls"
         )
+
+
+def _is_dtensor(x: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor  # noqa: PLC0415
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
+def _check_side(side: str, hidden, weight, bias, batch_seq: tuple[int, int] | None) -> None:
+    names = (f"{side}_hidden", f"{side}_weight", f"{side}_bias")
+    for name, x in zip(names, (hidden, weight, bias), strict=True):
+        if x is None and name.endswith("bias"):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        check_float(name, x)
+        if _is_dtensor(x):
+            # An FSDP2 / tensor-parallel shard would silently score a slice of the vocabulary.
+            raise ValueError(
+                f"{name} is a sharded DTensor ({type(x).__name__}); pass the full tensor "
+                f"({name}.full_tensor(), or gather it under FSDP/ZeRO-3), or use "
+                "renio_kernels.integrations.hf, which gathers the lm_head for you"
+            )
+    if hidden.dim() != 3:
+        raise ValueError(
+            f"{names[0]} must be (B, T, H), got shape {tuple(hidden.shape)}; for flat (N, H) "
+            "hidden states use hidden.unsqueeze(0)"
+        )
+    if batch_seq is not None and tuple(hidden.shape[:2]) != batch_seq:
+        raise ValueError(
+            f"student_hidden (B, T) = {batch_seq} but {names[0]} (B, T) = "
+            f"{tuple(hidden.shape[:2])}; both must score the same positions"
+        )
+    width = hidden.shape[2]
+    if weight.dim() != 2 or weight.shape[1] != width:
+        raise ValueError(
+            f"{names[1]} must be (V, H) with H = {width} (the last dim of {names[0]}), got "
+            f"shape {tuple(weight.shape)}; pass lm_head.weight as stored (vocab x hidden), "
+            "not its transpose"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{names[1]} has an empty vocabulary dimension")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"{names[2]} must be (V,) with V = {weight.shape[0]} (rows of {names[1]}), got "
+            f"shape {tuple(bias.shape)}"
+        )
+
+
+def check_fused_linear_inputs(h_s, w_s, h_t, w_t, labels, b_s=None, b_t=None) -> None:
+    """Shapes, dtypes and devices of the fused-linear inputs; ValueError saying how to fix."""
+    _check_side("student", h_s, w_s, b_s, None)
+    batch, seq = h_s.shape[:2]
+    _check_side("teacher", h_t, w_t, b_t, (batch, seq))
+    if w_t.shape[0] < w_s.shape[0]:
+        raise ValueError(
+            f"teacher vocabulary ({w_t.shape[0]} rows of teacher_weight) is smaller than the "
+            f"student's ({w_s.shape[0]}); a larger (padded) teacher vocabulary is allowed, a "
+            "smaller one is not"
+        )
+    if batch * seq == 0:
+        raise ValueError(f"empty batch: (B, T) = {(batch, seq)}")
+    check_labels_tensor(labels, (batch, seq), "student_hidden")
+    check_same_device(
+        student_hidden=h_s,
+        student_weight=w_s,
+        student_bias=b_s,
+        teacher_hidden=h_t,
+        teacher_weight=w_t,
+        teacher_bias=b_t,
+        labels=labels,
+    )
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None (automatic) or an int >= 1, got {chunk_size!r}")

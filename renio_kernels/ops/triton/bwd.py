@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import TRITON
-from .params import DivergenceParams, RowStats
-from .triton_fwd import _block_v
-from .triton_math import _divergence_terms, _row_pointers
+from ...config import TRITON
+from ..rows import DenseTeacher, DivergenceParams, RowStats
+from .fwd import _block_v
+from .math import _divergence_terms, _row_pointers
 
 __all__ = ["renio_bwd"]
 
@@ -59,7 +59,7 @@ def _renio_bwd_kernel(
     token_clip,
     ignore_index,
     # constexprs
-    BETA_MODE: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
     CLIP: tl.constexpr,
     HAS_DIV_GRAD: tl.constexpr,
     HAS_SAMPLED_GRAD: tl.constexpr,
@@ -100,7 +100,7 @@ def _renio_bwd_kernel(
                     log_beta,
                     log_1m_beta,
                     token_clip,
-                    BETA_MODE,
+                    DIVERGENCE,
                     CLIP,
                 )
                 g += gd * (de - ps * c_sum)
@@ -111,7 +111,7 @@ def _renio_bwd_kernel(
 
 def renio_bwd(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher_input: DenseTeacher,
     labels: torch.Tensor,
     params: DivergenceParams,
     stats: RowStats,
@@ -122,6 +122,7 @@ def renio_bwd(
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_d * d) + sum(grad_ls_x * ls[x])`` w.r.t. the student logits."""
+    teacher = teacher_input.logits
     assert grad_d is not None or grad_ls_x is not None
     assert grad_d is None or stats.c is not None, "forward ran without store_c"
     batch, seq, vocab = student.shape
@@ -157,7 +158,7 @@ def renio_bwd(
         params.log_1m_beta,
         params.clip_value,
         params.ignore_index,
-        BETA_MODE=params.beta_mode,
+        DIVERGENCE=params.mode,
         CLIP=params.clip_on,
         HAS_DIV_GRAD=grad_d is not None,
         HAS_SAMPLED_GRAD=grad_ls_x is not None,

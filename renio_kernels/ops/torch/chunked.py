@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ..config import TORCH_CHUNK_ELEMENTS
-from .params import DivergenceParams, RowStats
+from ...config import TORCH_CHUNK_ELEMENTS
+from ..rows import DenseTeacher, DivergenceParams, RowStats
 
 __all__ = ["renio_fwd_torch", "renio_bwd_torch", "row_chunks"]
 
@@ -46,17 +46,23 @@ def _log_probs(
 
 
 def _terms(ls: torch.Tensor, lt: torch.Tensor, params: DivergenceParams, want_grad: bool):
-    """``(e, de/dls, ps)`` with the guards and clip of ``triton_math._divergence_terms``."""
+    """``(e, de/dls, ps)`` of ``params``' divergence, with the guards and clip of
+    ``triton.math._divergence_terms``."""
     ps = ls.exp()
     pt = lt.exp()
     zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
-    if params.beta_mode == 0:
+    name = params.divergence
+    if name == "forward_kl":
         e = pt * torch.where(pt == 0, zero, lt - ls)
         de = -pt if want_grad else None
-    elif params.beta_mode == 1:
+    elif name == "reverse_kl":
         diff = torch.where(ps == 0, zero, ls - lt)
         e = ps * diff
         de = ps * (diff + 1.0) if want_grad else None
+    elif name == "tvd":
+        diff = ps - pt
+        e = 0.5 * diff.abs()
+        de = 0.5 * ps * torch.sign(diff) if want_grad else None
     else:
         beta = params.beta
         log_m = torch.logaddexp(ls + params.log_1m_beta, lt + params.log_beta)
@@ -67,8 +73,9 @@ def _terms(ls: torch.Tensor, lt: torch.Tensor, params: DivergenceParams, want_gr
     if params.clip_on:
         clip = params.clip_value
         if want_grad:
-            # JSD terms are >= 0 in exact arithmetic: only the upper bound gates (triton_math).
-            active = e <= clip if params.beta_mode == 2 else (e >= 0) & (e <= clip)
+            # JSD terms are >= 0 in exact arithmetic: only the upper bound gates (triton.math).
+            upper = e <= clip
+            active = upper if params.spec.nonnegative_terms else (e >= 0) & upper
             de = torch.where(active, de, zero)
         e = torch.where(e < 0, zero, torch.where(e > clip, clip, e))
     return e, de, ps
@@ -81,7 +88,7 @@ def _sampled(logp: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> t
 
 def renio_fwd_torch(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher_input: DenseTeacher,
     labels: torch.Tensor,
     params: DivergenceParams,
     *,
@@ -89,6 +96,7 @@ def renio_fwd_torch(
     store_c: bool = True,
     chunk_elements: int | None = None,
 ) -> RowStats:
+    teacher = teacher_input.logits
     batch, seq, vocab = student.shape
     out = torch.zeros((6, batch, seq), dtype=torch.float32, device=student.device)
     lse_s, lse_t, ls_x, lt_x, d, c = out.unbind(0)
@@ -122,7 +130,7 @@ def renio_fwd_torch(
 
 def renio_bwd_torch(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher_input: DenseTeacher,
     labels: torch.Tensor,
     params: DivergenceParams,
     stats: RowStats,
@@ -131,6 +139,7 @@ def renio_bwd_torch(
     *,
     chunk_elements: int | None = None,
 ) -> torch.Tensor:
+    teacher = teacher_input.logits
     assert grad_d is not None or grad_ls_x is not None
     assert grad_d is None or stats.c is not None, "forward ran without store_c"
     batch, seq, vocab = student.shape

@@ -1,0 +1,347 @@
+"""The losses' autograd as ``torch.library`` custom ops, so ``torch.compile`` sees opaque nodes.
+
+``renio::row_stats_fwd`` / ``renio::row_stats_bwd`` (row losses) and ``renio::fused_linear_fwd``
+/ ``renio::fused_linear_bwd`` (fused-linear loss) run the forward and backward formulas of
+``autograd`` (the same functions the eager Functions call); ``register_fake`` gives each a
+shape-only implementation for tracing and ``register_autograd`` connects them. Dynamo therefore
+never looks inside the kernels (no graph break on a Triton launch, a Python loop over chunks or a
+backend lookup); the (B)-sized reduction around them is ordinary torch code that compiles with
+the rest of the user's graph.
+
+The schemas carry plain types. Options travel as Python ``float``/``int``/``bool``/``str`` and
+are rebuilt into ``DivergenceParams`` inside the op, at run time, where they are real Python
+numbers again (under compile a float argument may be traced as a symbolic float backed by a
+float64 tensor, Liger-Kernel #1362; it never reaches a kernel this way). ``token_clip`` uses 0.0
+for "off". The teacher input travels as its kind and its tensors. Outputs that a call does not
+need come back as empty tensors (a custom op cannot return None).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.backends import resolve_backend
+from ..ops.linear import GradBuffers, SweepPlan
+from ..ops.rows import TEACHER_KINDS, DivergenceParams, RowStats
+from .autograd import linear_backward, linear_forward, rows_backward, rows_forward
+
+__all__ = ["check_labels_async", "fused_linear_op", "row_stats_op"]
+
+_T = torch.Tensor
+_Rows7 = tuple[_T, _T, _T, _T, _T, _T, _T]
+_Rows8 = tuple[_T, _T, _T, _T, _T, _T, _T, _T]
+
+
+def _params(divergence: str, beta: float, temperature: float, token_clip: float, ignore_index: int):
+    return DivergenceParams(
+        divergence=divergence,
+        beta=float(beta),
+        temperature=float(temperature),
+        token_clip=float(token_clip) if token_clip > 0 else None,
+        ignore_index=int(ignore_index),
+    )
+
+
+def _schema_options(params: DivergenceParams) -> tuple:
+    return (params.divergence, params.beta, params.temperature, params.clip_value,
+            params.ignore_index)  # fmt: skip
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+def _fresh(x: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """Custom ops may not return outputs that share storage (the torch backend returns views of
+    one buffer); copy the ones that do."""
+    key = x.untyped_storage().data_ptr()
+    if key in seen and x.numel() > 0:
+        return x.clone()
+    seen.add(key)
+    return x
+
+
+def _forms_unit(backend: str, student, divergence, kind, with_div, store_c, unit_grad) -> bool:
+    if not (with_div and store_c and unit_grad):
+        return False
+    return resolve_backend(backend, student.device, divergence, kind).fwd_grad is not None
+
+
+# --- row losses --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("renio::row_stats_fwd", mutates_args=())
+def row_stats_fwd(
+    student: torch.Tensor,
+    teacher: list[torch.Tensor],
+    labels: torch.Tensor,
+    teacher_kind: str,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    token_clip: float,
+    ignore_index: int,
+    backend: str,
+    with_divergence: bool,
+    store_c: bool,
+    unit_grad: bool,
+) -> _Rows7:
+    """``(lse_s, lse_t, ls_x, lt_x, d, c, unit)``: five (B, T) fp32 rows, ``c`` (empty without
+    store_c) and the unit-scale gradient (empty unless the backend forms it in the forward)."""
+    params = _params(divergence, beta, temperature, token_clip, ignore_index)
+    kernels = resolve_backend(backend, student.device, divergence, teacher_kind)
+    stats, unit = rows_forward(
+        kernels, student, TEACHER_KINDS[teacher_kind](*teacher), labels, params,
+        with_divergence, store_c, unit_grad,
+    )  # fmt: skip
+    c = stats.c if stats.c is not None else _empty(student)
+    seen: set[int] = set()
+    outs = (*stats[:5], c, unit if unit is not None else _empty(student))
+    return tuple(_fresh(x, seen) for x in outs)
+
+
+@row_stats_fwd.register_fake
+def _row_stats_fwd_fake(
+    student, teacher, labels, teacher_kind, divergence, beta, temperature, token_clip,
+    ignore_index, backend, with_divergence, store_c, unit_grad,
+):  # fmt: skip
+    batch, seq, _ = student.shape
+    rows = [student.new_empty((batch, seq), dtype=torch.float32) for _ in range(5)]
+    c_shape = (batch, seq) if store_c and with_divergence else (0,)
+    formed = _forms_unit(backend, student, divergence, teacher_kind, with_divergence, store_c,
+                         unit_grad)  # fmt: skip
+    unit = torch.empty_like(student, memory_format=torch.contiguous_format) if formed else None
+    return (*rows, student.new_empty(c_shape, dtype=torch.float32),
+            unit if unit is not None else _empty(student))  # fmt: skip
+
+
+@torch.library.custom_op("renio::row_stats_bwd", mutates_args=())
+def row_stats_bwd(
+    student: torch.Tensor,
+    teacher: list[torch.Tensor],
+    labels: torch.Tensor,
+    teacher_kind: str,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    c: torch.Tensor,
+    unit: torch.Tensor,
+    grad_d: torch.Tensor | None,
+    grad_ls_x: torch.Tensor | None,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    token_clip: float,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    """The student's gradient (B, T, Vs) in its dtype, from the per-row upstream gradients."""
+    params = _params(divergence, beta, temperature, token_clip, ignore_index)
+    kernels = resolve_backend(backend, student.device, divergence, teacher_kind)
+    stats = RowStats(lse_s, lse_t, None, None, None, c if c.numel() > 0 else None)
+    return rows_backward(
+        kernels, params, student, TEACHER_KINDS[teacher_kind](*teacher), labels, stats,
+        unit if unit.numel() > 0 else None, grad_d, grad_ls_x, in_place=False,
+    )  # fmt: skip
+
+
+@row_stats_bwd.register_fake
+def _row_stats_bwd_fake(student, *_args):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _row_stats_setup(ctx, inputs, output) -> None:
+    student, teacher, labels, kind, *options = inputs
+    backend, with_div = options[5], options[6]
+    lse_s, lse_t, _, lt_x, d, c, unit = output
+    # Unused outputs get None instead of zero tensors, so a loss that only uses d (ReNIO) or
+    # only ls[x] (sampled reverse KL) costs the backward kernel no work for the other.
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse_s, lse_t, lt_x, c, unit)
+    if not with_div:
+        ctx.mark_non_differentiable(d)
+    ctx.kind, ctx.options, ctx.with_divergence = kind, (*options[:5], backend), with_div
+    ctx.n_teacher = len(teacher)
+    ctx.save_for_backward(student, labels, lse_s, lse_t, c, unit, *teacher)
+
+
+def _row_stats_backward(ctx, _g_lse_s, _g_lse_t, grad_ls_x, _g_lt_x, grad_d, _g_c, _g_unit):
+    if not ctx.with_divergence:
+        grad_d = None
+    # The teacher's tensors (a list input) get a list of Nones: they never receive a gradient.
+    nones = ([None] * ctx.n_teacher,) + (None,) * 11
+    if grad_d is None and grad_ls_x is None:
+        return (None, *nones)
+    student, labels, lse_s, lse_t, c, unit, *teacher = ctx.saved_tensors
+    grad = row_stats_bwd(
+        student, teacher, labels, ctx.kind, lse_s, lse_t, c, unit, grad_d, grad_ls_x, *ctx.options
+    )
+    return (grad, *nones)
+
+
+row_stats_fwd.register_autograd(_row_stats_backward, setup_context=_row_stats_setup)
+
+
+def row_stats_op(student, teacher, labels, params: DivergenceParams, backend: str,
+                 with_divergence: bool, unit_grad: bool):  # fmt: skip
+    """``(d, ls[x], lt[x])`` through the custom op; the same contract as ``RowStatsFunction``."""
+    store_c = with_divergence and student.requires_grad and torch.is_grad_enabled()
+    _, _, ls_x, lt_x, d, _, _ = row_stats_fwd(
+        student, list(teacher), labels, teacher.kind, *_schema_options(params), backend,
+        with_divergence, store_c, unit_grad,
+    )  # fmt: skip
+    return d, ls_x, lt_x
+
+
+def check_labels_async(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """The label-range check without reading anything back to the host.
+
+    ``torch._assert_async`` raises a RuntimeError when the check fails (on CUDA, at the next
+    synchronizing call, as a device-side assert), so a compiled graph keeps no host sync and no
+    graph break. The eager path raises the usual ValueError instead.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    torch._assert_async(
+        torch.logical_not(bad.any()),
+        "renio_kernels: labels outside [0, vocab) that are not ignore_index; mark padding/prompt "
+        "positions with ignore_index",
+    )
+
+
+# --- the fused-linear loss -----------------------------------------------------------------------
+
+
+def _plan(h_s, w_s, h_t, labels, options, backend, chunk_size, want) -> SweepPlan:
+    return SweepPlan.build(
+        _params(*options), backend, h_s, w_s, h_t, labels, chunk_size or None, want
+    )
+
+
+@torch.library.custom_op("renio::fused_linear_fwd", mutates_args=())
+def fused_linear_fwd(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: torch.Tensor | None,
+    h_t: torch.Tensor,
+    w_t: torch.Tensor,
+    b_t: torch.Tensor | None,
+    labels: torch.Tensor,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    token_clip: float,
+    ignore_index: int,
+    backend: str,
+    chunk_size: int,
+    want_h: bool,
+    want_w: bool,
+    want_b: bool,
+    direct: bool,
+) -> _Rows8:
+    """``(d, ls_x, lt_x)`` (B, T) fp32, the gradient buffers the forward formed ``(hidden,
+    weight, bias)`` (fp32, empty where not formed), ``saved`` (3, N) and ``scale`` (N,) (empty
+    where the backward does not need them); see ``autograd.linear_forward``."""
+    options = (divergence, beta, temperature, token_clip, ignore_index)
+    plan = _plan(h_s, w_s, h_t, labels, options, backend, chunk_size, (want_h, want_w, want_b))
+    rows, grads, saved, scale = linear_forward(h_s, w_s, b_s, h_t, w_t, b_t, labels, plan, direct)
+    empty = _empty(h_s)
+    bufs = (None, None, None) if grads is None else (grads.hidden, grads.weight, grads.bias)
+    extra = (*bufs, saved, scale)
+    return (*(x.clone() for x in rows), *(empty.clone() if x is None else x for x in extra))
+
+
+@fused_linear_fwd.register_fake
+def _fused_linear_fwd_fake(h_s, w_s, b_s, h_t, w_t, b_t, labels, divergence, beta, temperature,
+                           token_clip, ignore_index, backend, chunk_size, want_h, want_w, want_b,
+                           direct):  # fmt: skip
+    n = labels.numel()
+
+    def f32(shape, on: bool):
+        return h_s.new_empty(shape if on else (0,), dtype=torch.float32)
+
+    rows = [f32(labels.shape, True) for _ in range(3)]
+    grads = (
+        f32((n, h_s.shape[-1]), want_h),
+        f32(tuple(w_s.shape), direct and want_w),
+        f32((w_s.shape[0],), direct and want_b),
+    )
+    return (*rows, *grads, f32((3, n), not direct and (want_w or want_b)), f32((n,), direct))
+
+
+@torch.library.custom_op("renio::fused_linear_bwd", mutates_args=())
+def fused_linear_bwd(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: torch.Tensor | None,
+    h_t: torch.Tensor,
+    w_t: torch.Tensor,
+    b_t: torch.Tensor | None,
+    labels: torch.Tensor,
+    g_h: torch.Tensor,
+    g_w: torch.Tensor,
+    g_b: torch.Tensor,
+    saved: torch.Tensor,
+    scale: torch.Tensor,
+    grad_d: torch.Tensor,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    token_clip: float,
+    ignore_index: int,
+    backend: str,
+    chunk_size: int,
+    want_h: bool,
+    want_w: bool,
+    want_b: bool,
+    direct: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's hidden, weight and bias gradients (in their dtypes; empty when not wanted)."""
+    options = (divergence, beta, temperature, token_clip, ignore_index)
+    want = (want_h, want_w, want_b)
+    plan = _plan(h_s, w_s, h_t, labels, options, backend, chunk_size, want)
+    grads = GradBuffers(*(x if x.numel() > 0 else None for x in (g_h, g_w, g_b)))
+    shapes = (h_s.shape, h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
+    out = linear_backward(
+        (h_s, w_s, b_s, h_t, w_t, b_t, labels), shapes, plan, direct, grads,
+        saved if saved.numel() > 0 else None, scale if scale.numel() > 0 else None, grad_d,
+    )  # fmt: skip
+    return tuple(w_s.new_empty((0,)) if x is None else x for x in out)
+
+
+@fused_linear_bwd.register_fake
+def _fused_linear_bwd_fake(h_s, w_s, b_s, *args):
+    want_h, want_w, want_b = args[-4:-1]
+    return (
+        torch.empty_like(h_s) if want_h else w_s.new_empty((0,)),
+        torch.empty_like(w_s) if want_w else w_s.new_empty((0,)),
+        torch.empty_like(b_s) if want_b else w_s.new_empty((0,)),
+    )
+
+
+def _fused_linear_setup(ctx, inputs, output) -> None:
+    tensors, options = inputs[:7], inputs[7:]
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.options = options
+    ctx.save_for_backward(*tensors, *output[3:])
+
+
+def _fused_linear_backward(ctx, grad_d, *_unused):
+    nones = (None,) * 15
+    want = ctx.options[-4:-1]
+    if grad_d is None or not any(want):
+        return (None, None, None, *nones)
+    g_h, g_w, g_b = fused_linear_bwd(*ctx.saved_tensors, grad_d, *ctx.options)
+    return (*(g if on else None for g, on in zip((g_h, g_w, g_b), want, strict=True)), *nones)
+
+
+fused_linear_fwd.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
+
+
+def fused_linear_op(student, teacher, labels, params: DivergenceParams, backend: str,
+                    chunk_size: int | None, want, direct: bool):  # fmt: skip
+    """``(d, ls[x], lt[x])`` of the fused-linear loss through the custom ops."""
+    d, ls_x, lt_x, *_ = fused_linear_fwd(
+        *student, *teacher, labels, *_schema_options(params), backend, chunk_size or 0, *want,
+        direct,
+    )  # fmt: skip
+    return d, ls_x, lt_x

@@ -1,0 +1,220 @@
+"""The loss options, defined once: name, default, allowed values and one line of documentation.
+
+``ReNIOOptions`` is the record. Everything else derives from its fields: the eager validation
+(``ReNIOOptions(...)``), the compile-safe validation (``traced_options``), the option sections
+of the public docstrings (``options_doc``), the module constructors, the TRL config fields and the
+training script's config keys and flags (``option_fields``). Adding an option is a field here,
+the code that uses it, and a line in ``docs/SPEC.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import namedtuple
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..ops.divergences import DIVERGENCES, resolve_divergence
+from ..ops.rows import DivergenceParams
+
+__all__ = [
+    "WEIGHT_NORMS",
+    "ReNIOOptions",
+    "call_options",
+    "option_fields",
+    "picked_options",
+    "options_doc",
+    "traced_options",
+]
+
+WEIGHT_NORMS = ("batch_mean", "clamp", "none", "ema")
+
+
+def _opt(default: Any, kind: str, doc: str, paper: str | None = None, choices=None):
+    """A field of the record: ``kind`` names the check (``_CHECKS``), ``paper`` the trainer flag."""
+    meta = {"kind": kind, "doc": doc, "paper_flag": paper, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ReNIOOptions:
+    """Every option of the ReNIO loss (``docs/SPEC.md`` names and defaults), validated on
+    construction with a ValueError that says how to fix the value."""
+
+    beta: float = _opt(
+        0.0, "unit", "0: forward KL(teacher||student), 1: reverse KL, between: generalized JSD",
+        "--beta",
+    )  # fmt: skip
+    divergence: str | None = _opt(
+        None, "divergence", "None: chosen by beta; or by name: " + ", ".join(DIVERGENCES),
+        choices=(None, *DIVERGENCES),
+    )  # fmt: skip
+    temperature: float = _opt(
+        1.0, "positive", "divides both sides' logits before the softmax", "--temperature"
+    )
+    token_clip: float | None = _opt(
+        None, "clip", "clamp each element's divergence term to [0, token_clip] (None/0: off)",
+        "--jsd_token_clip",
+    )  # fmt: skip
+    use_renio: bool = _opt(
+        True, "bool", "False: plain on-policy distillation (all weights 1)", "--use_renio"
+    )
+    ratio_clip: float | None = _opt(
+        2.5, "real_or_none", "upper clip of the sampled-token log ratio ls[x] - lt[x] (None: off)",
+        "--kd_clamp",
+    )  # fmt: skip
+    threshold: float = _opt(
+        0.8, "real", "tokens with log ratio >= threshold are pivotal", "--imp_token_threshold"
+    )
+    weight_temperature: float = _opt(
+        1.0, "positive", "e_b = exp(rbar_b / weight_temperature)", "--kd_sgo_tem"
+    )
+    weight_norm: str = _opt(
+        "batch_mean", "choice", "normalization of the per-sequence weights",
+        "--weight_norm_type", WEIGHT_NORMS,
+    )  # fmt: skip
+    ignore_index: int = _opt(-100, "int", "label value of positions without a loss")
+
+    def __post_init__(self) -> None:
+        validate(self, traced=False)
+
+    def kernel_params(self) -> DivergenceParams:
+        """What the row kernels need (plain Python numbers)."""
+        return kernel_params(self)
+
+
+def option_fields() -> tuple[dataclasses.Field, ...]:
+    """The record's fields (``name``, ``default``, ``type``, ``metadata['doc' | 'paper_flag' |
+    'choices' | 'kind']``)."""
+    return dataclasses.fields(ReNIOOptions)
+
+
+_NAMES = tuple(f.name for f in option_fields())
+# Plain tuples, which a torch.compile trace reads without graph breaks.
+_SPECS = tuple((f.name, f.metadata["kind"], f.metadata["choices"]) for f in option_fields())
+# The record for a trace where some values are symbolic (see ``call_options``).
+TracedOptions = namedtuple(
+    "TracedOptions", _NAMES, defaults=tuple(f.default for f in option_fields())
+)
+
+
+def _real(name: str, v, traced: bool) -> None:
+    if not traced and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise ValueError(f"{name} must be a real number, got {v!r}")
+    # A comparison rather than math.isnan: it also works on a traced symbolic float.
+    if not -math.inf <= v <= math.inf:
+        raise ValueError(f"{name} must not be NaN")
+
+
+def _check_unit(name, v, traced):
+    _real(name, v, traced)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(
+            f"{name} must be in [0, 1] (0: forward KL, 1: reverse KL, between: JSD), got {v}"
+        )
+
+
+def _check_positive(name, v, traced):
+    _real(name, v, traced)
+    if not 0.0 < v < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {v}")
+
+
+def _check_clip(name, v, traced):
+    if v is None:
+        return
+    _real(name, v, traced)
+    if not v >= 0:
+        raise ValueError(f"{name} must be None (off), 0 (off) or > 0, got {v}")
+
+
+def _check_real_or_none(name, v, traced):
+    if v is not None:
+        _real(name, v, traced)
+
+
+def _check_bool(name, v, traced):
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be a bool, got {v!r}")
+
+
+def _check_int(name, v, traced):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+
+
+def _check_choice(name, v, traced, choices):
+    if v not in choices:
+        raise ValueError(f"unknown {name} {v!r}; expected one of {choices}")
+
+
+_CHECKS = {
+    "unit": _check_unit,
+    "positive": _check_positive,
+    "clip": _check_clip,
+    "real": _real,
+    "real_or_none": _check_real_or_none,
+    "bool": _check_bool,
+    "int": _check_int,
+}
+
+
+def validate(opts, traced: bool) -> None:
+    """Every field's check; ``traced`` skips the type checks a symbolic value cannot pass."""
+    for name, kind, choices in _SPECS:
+        value = getattr(opts, name)
+        if kind == "choice":
+            _check_choice(name, value, traced, choices)
+        elif kind != "divergence":
+            _CHECKS[kind](name, value, traced)
+    resolve_divergence(opts.divergence, opts.beta)
+
+
+def picked_options(names_values: dict) -> dict:
+    """The option fields among a public function's ``locals()`` (its keyword arguments)."""
+    return {k: v for k, v in names_values.items() if k in _NAMES}
+
+
+def traced_options(**kw) -> TracedOptions:
+    opts = TracedOptions(**kw)
+    validate(opts, traced=True)
+    return opts
+
+
+def call_options(**kw) -> ReNIOOptions | TracedOptions:
+    """Validated options. Under ``torch.compile`` a float option may be traced as a symbolic
+    float (backed by a float64 tensor, Liger-Kernel #1362) that a dataclass's type checks cannot
+    take, so there the same ranges are checked with comparisons (which become guards); the custom
+    ops receive real Python floats at run time."""
+    if torch.compiler.is_compiling():
+        return traced_options(**kw)
+    return ReNIOOptions(**kw)
+
+
+def kernel_params(opts) -> DivergenceParams:
+    return DivergenceParams(
+        divergence=resolve_divergence(opts.divergence, opts.beta).name,
+        beta=float(opts.beta),
+        temperature=float(opts.temperature),
+        token_clip=None if opts.token_clip is None else float(opts.token_clip),
+        ignore_index=int(opts.ignore_index),
+    )
+
+
+def options_doc(indent: int = 8) -> str:
+    """The ``Args:`` lines of every option, for the public docstrings."""
+    pad = " " * indent
+    lines = []
+    for f in option_fields():
+        flag = f" (paper: ``{f.metadata['paper_flag']}``)" if f.metadata["paper_flag"] else ""
+        lines.append(f"{pad}{f.name}: {f.metadata['doc']}; default ``{f.default!r}``{flag}.")
+    return "\n".join(lines)
+
+
+def with_options_doc(fn):
+    """Fill the ``{options}`` placeholder of ``fn``'s docstring with ``options_doc()``."""
+    fn.__doc__ = fn.__doc__.replace("{options}", options_doc().lstrip())
+    return fn

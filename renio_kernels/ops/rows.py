@@ -1,0 +1,117 @@
+"""The row-kernel contract shared by every backend.
+
+A row is one ``(b, t)`` position. A backend's forward reduces each row of the student logits and
+the teacher input to a few fp32 numbers (``RowStats``); its backward writes the row's gradient
+from per-row upstream scales. Everything after the row kernels (the ReNIO weights, the reduction,
+autograd) needs only ``(d, ls[x], lt[x])`` per row, so the teacher side is a typed input: a new
+kind of teacher (e.g. top-k ids and log-probs from a teacher server) is a new input type plus the
+kernels that read it, with no change above this layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from .divergences import DIVERGENCES, Divergence, resolve_divergence
+
+__all__ = ["DenseTeacher", "DivergenceParams", "RowBackend", "RowStats", "TEACHER_KINDS"]
+
+
+@dataclass(frozen=True)
+class DivergenceParams:
+    """What a row kernel needs to know (validated upstream by ``ReNIOOptions``).
+
+    ``divergence`` names an entry of ``divergences.DIVERGENCES``; None takes the one ``beta``
+    selects.
+    """
+
+    divergence: str | None = None
+    beta: float = 0.0
+    temperature: float = 1.0
+    token_clip: float | None = None
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "divergence", resolve_divergence(self.divergence, float(self.beta)).name
+        )
+
+    @property
+    def spec(self) -> Divergence:
+        return DIVERGENCES[self.divergence]
+
+    @property
+    def mode(self) -> int:
+        """The divergence's compile-time id (``divergences.DIVERGENCES``)."""
+        return self.spec.mode
+
+    @property
+    def clip_on(self) -> bool:
+        return self.token_clip is not None and self.token_clip > 0
+
+    @property
+    def clip_value(self) -> float:
+        return float(self.token_clip) if self.clip_on else 0.0
+
+    @property
+    def inv_tau(self) -> float:
+        return 1.0 / float(self.temperature)
+
+    @property
+    def log_beta(self) -> float:
+        return math.log(self.beta) if 0.0 < self.beta < 1.0 else 0.0
+
+    @property
+    def log_1m_beta(self) -> float:
+        return math.log1p(-self.beta) if 0.0 < self.beta < 1.0 else 0.0
+
+
+class DenseTeacher(NamedTuple):
+    """The teacher as full logits ``(B, T, Vt >= Vs)``; columns ``>= Vs`` are ignored."""
+
+    logits: torch.Tensor
+
+    kind = "dense"
+
+
+# Every teacher input type, by its ``kind`` (the custom ops carry the kind and the tensors).
+TEACHER_KINDS: dict[str, type] = {DenseTeacher.kind: DenseTeacher}
+
+
+class RowStats(NamedTuple):
+    """Per-row forward results, each ``(B, T)`` float32, 0 at ignored positions.
+
+    ``lse_s``/``lse_t``: log-sum-exp of ``logits / tau`` (student; teacher's first Vs columns).
+    ``ls_x``/``lt_x``: log-probabilities of the sampled token. ``d``: divergence
+    ``sum_v clamp(e_v)``. ``c``: ``C = sum_v c_v`` for the backward pass (None when not needed).
+    """
+
+    lse_s: torch.Tensor
+    lse_t: torch.Tensor
+    ls_x: torch.Tensor
+    lt_x: torch.Tensor
+    d: torch.Tensor
+    c: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class RowBackend:
+    """One backend's row kernels for one teacher kind.
+
+    ``fwd(student, teacher, labels, params, *, with_divergence, store_c) -> RowStats`` and
+    ``bwd(student, teacher, labels, params, stats, grad_d, grad_ls_x) -> grad`` are required.
+    ``fwd_grad`` / ``scale_grad`` (optional) form the unit-scale gradient through ``d`` in the
+    forward and scale it in place in the backward. ``divergences`` lists the names it computes.
+    """
+
+    name: str
+    fwd: Callable
+    bwd: Callable
+    divergences: frozenset[str] = field(default_factory=lambda: frozenset(DIVERGENCES))
+    fwd_grad: Callable | None = None
+    scale_grad: Callable | None = None
