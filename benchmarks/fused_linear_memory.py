@@ -31,9 +31,9 @@ import torch
 # The checkout's package, not whichever renio_kernels is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.memory import peak_extra_bytes  # noqa: E402
-from renio_kernels import fused_linear_renio_loss, reference, renio_loss  # noqa: E402
-from renio_kernels.ops.linear import plan_chunk_rows  # noqa: E402
+from benchmarks.memory import peak_extra_bytes
+from renio_kernels import fused_linear_renio_loss, reference, renio_loss
+from renio_kernels.ops.linear import plan_chunk_rows
 
 MIB = 1 << 20
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     chunk = plan_chunk_rows(args.tokens, args.vocab, args.hidden, args.hidden, torch.device("cpu"))
     weight_mib = args.vocab * args.hidden * 4 / MIB
-    from renio_kernels.ops.backends import resolve_backend  # noqa: PLC0415
+    from renio_kernels.ops.backends import resolve_backend
 
     row_kernels = resolve_backend("auto", torch.device("cpu")).name
     lines = [

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renio_kernels import fused_linear_renio_loss, reference, renio_loss  # noqa: E402
-from tests.helpers import LINEAR_GRAD_RTOL, LOSS_RTOL, rel_err  # noqa: E402
-from tests.test_fused_linear import make_linear  # noqa: E402
+from renio_kernels import fused_linear_renio_loss, reference, renio_loss
+from tests.helpers import LINEAR_GRAD_RTOL, LOSS_RTOL, rel_err
+from tests.test_fused_linear import make_linear
 
 CONFIGS = [
     {"beta": 0.0},

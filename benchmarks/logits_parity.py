@@ -29,9 +29,9 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import renio_kernels as rk  # noqa: E402
-from renio_kernels import reference  # noqa: E402
-from tests.helpers import GRAD_RTOL, LOSS_RTOL, make_inputs, rel_err  # noqa: E402
+import renio_kernels as rk
+from renio_kernels import reference
+from tests.helpers import GRAD_RTOL, LOSS_RTOL, make_inputs, rel_err
 
 CONFIGS = [
     {"beta": b, "token_clip": c, "temperature": tau}

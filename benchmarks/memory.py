@@ -18,7 +18,7 @@ __all__ = ["peak_extra_bytes", "current_rss_bytes", "pin_mmap_threshold"]
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         resident_pages = int(f.read().split()[1])
-    import resource  # noqa: PLC0415
+    import resource
 
     return resident_pages * resource.getpagesize()
 

@@ -72,7 +72,7 @@ def _versions() -> dict[str, str]:
             from importlib.metadata import version
 
             out[key] = version(mod.replace("_", "-"))
-        except Exception:  # noqa: BLE001 - a missing package is a version of "none"
+        except Exception:
             out[key] = "none"
     return out
 

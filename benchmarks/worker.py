@@ -52,7 +52,7 @@ def _malloc_trim() -> None:
 
 def _empty_renio_cache() -> None:
     try:
-        import renio_kernels  # noqa: PLC0415
+        import renio_kernels
     except ImportError:
         return
     renio_kernels.empty_cpu_grad_cache()
@@ -136,7 +136,7 @@ def time_interleaved(cases: dict, mode: str, device: str, cfg: dict, memory: boo
             row = measure_memory(case, mode, device, 0) if memory else {}
             rows[name] = {"status": "ok", "first_call_ms": first * 1e3, **row}
             times[name] = []
-        except Exception as err:  # noqa: BLE001 - every failure becomes a row, never a crash
+        except Exception as err:
             traceback.print_exc(file=sys.stderr)
             rows[name] = {"status": _failure(err)}
         _clear(case.leaves)
@@ -149,7 +149,7 @@ def time_interleaved(cases: dict, mode: str, device: str, cfg: dict, memory: boo
         for name in active:
             try:
                 times[name].append(run_mode(cases[name], mode, device, None))
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 traceback.print_exc(file=sys.stderr)
                 rows[name] = {"status": _failure(err)}
                 del times[name]
@@ -186,7 +186,7 @@ def main(spec: dict) -> None:
         for name in spec["providers"]:
             try:
                 cases[name] = build_case(name, p, device)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 for mode in spec["modes"]:
                     _emit(pd, name, mode, {"status": _failure(err)})
         for mode in spec["modes"]:
@@ -195,7 +195,7 @@ def main(spec: dict) -> None:
                 for name, case in cases.items():
                     try:
                         rows[name] = measure_memory(case, mode, device, spec["reps"]["warmup"])
-                    except Exception as err:  # noqa: BLE001
+                    except Exception as err:
                         rows[name] = {"status": _failure(err)}
             else:
                 memory = device.startswith("cuda")

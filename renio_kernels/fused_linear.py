@@ -4,7 +4,7 @@
 ht @ Wt.T + bt, labels)`` with the logits formed in fp32 (never rounded to bf16 before the
 softmax), but only one chunk of tokens' logits exists at a time.
 
-Design. The flattened ``N = B * T`` tokens are taken in chunks of rows (``ops.linear_chunks``; the
+Design. The flattened ``N = B * T`` tokens are taken in chunks of rows (``ops.linear``; the
 size comes from ``(V, Hs, Ht)`` and the device, or ``chunk_size=``). Per chunk, the student and
 teacher logits are formed in fp32 and fed to the resolved backend's row kernels (Triton on CUDA,
 the native kernel on CPU, whose forward also forms the chunk's gradient in the same sweeps) as a
@@ -46,7 +46,7 @@ Memory (fp32 on CPU; ``benchmarks/results/fused_linear_memory.md`` has the measu
 the chunk buffers (``FUSED_LINEAR_CHUNK_ELEMENTS``), the fp32 weight-gradient accumulator, and
 (B, T)- and (B, T, H)-sized tensors. Hidden states that cannot be viewed as ``(B * T, H)``
 (e.g. ``hidden[:, :-1]``, transposed views) are copied once into that layout. On CPU, bf16/fp16
-weights are upcast once per sweep (see ``ops.linear_chunks``).
+weights are upcast once per sweep (see ``ops.linear``).
 
 GPU: the Triton row kernels run per chunk on the logits the GEMM left in global memory. A
 blockwise matmul kernel that keeps the log-sum-exp on chip would avoid that round trip; it is not
@@ -59,7 +59,7 @@ import torch
 
 from .core.autograd import FusedLinearFunction
 from .core.custom_ops import check_labels_async, fused_linear_op
-from .core.options import call_options, kernel_params, picked_options, with_options_doc
+from .core.options import call_options, kernel_params, with_options
 from .core.reduction import reduce_renio
 from .core.validation import (
     check_backend,
@@ -79,7 +79,7 @@ def _wanted(tensors) -> tuple[bool, ...]:
     return tuple(grad_on and x is not None and x.requires_grad for x in tensors)
 
 
-@with_options_doc
+@with_options
 def fused_linear_renio_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -89,21 +89,12 @@ def fused_linear_renio_loss(
     *,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
-    beta: float = 0.0,
-    divergence: str | None = None,
-    temperature: float = 1.0,
-    token_clip: float | None = None,
-    use_renio: bool = True,
-    ratio_clip: float | None = 2.5,
-    threshold: float = 0.8,
-    weight_temperature: float = 1.0,
-    weight_norm: str = "batch_mean",
-    ignore_index: int = -100,
     backend: str = "auto",
     return_stats: bool = False,
     ema_state: torch.Tensor | None = None,
     check_labels: bool = True,
     chunk_size: int | None = None,
+    **options,
 ):
     """The ReNIO loss of ``hidden @ weight.T (+ bias)`` for each side, without the logits.
 
@@ -133,7 +124,7 @@ def fused_linear_renio_loss(
     dtypes are fine (e.g. bf16 hidden states from autocast and an fp32 weight): the logits are
     always fp32, and autocast is switched off inside.
     """
-    opts = call_options(**picked_options(locals()))
+    opts = call_options(**options)
     check_ema_state(opts, ema_state, "FusedLinearReNIOLoss")
     check_chunk_size(chunk_size)
     check_backend(backend)
@@ -143,14 +134,14 @@ def fused_linear_renio_loss(
     )  # fmt: skip
     if check_labels:
         check = check_labels_async if torch.compiler.is_compiling() else check_labels_in_range
-        check(labels, student_weight.shape[0], ignore_index)
+        check(labels, student_weight.shape[0], opts.ignore_index)
     student = (student_hidden, student_weight, student_bias)
     want = _wanted(student)
     teacher = tuple(
         None if x is None else x.detach() for x in (teacher_hidden, teacher_weight, teacher_bias)
     )
     # With every weight 1, dL/dd is known in the forward up to grad_output (autograd module).
-    direct = not use_renio and any(want)
+    direct = not opts.use_renio and any(want)
     params = kernel_params(opts)
     if torch.compiler.is_compiling():
         d, ls_x, lt_x = fused_linear_op(
@@ -162,4 +153,5 @@ def fused_linear_renio_loss(
             want,
         )  # fmt: skip
         d, ls_x, lt_x = FusedLinearFunction.apply(*student, *teacher, labels, plan, direct)
-    return reduce_renio(d, ls_x, lt_x, labels != ignore_index, opts, ema_state, return_stats)
+    mask = labels != opts.ignore_index
+    return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats)

@@ -7,7 +7,7 @@ import torch
 from . import config
 from .core.autograd import RowStatsFunction
 from .core.custom_ops import check_labels_async, row_stats_op
-from .core.options import call_options, kernel_params, picked_options, with_options_doc
+from .core.options import call_options, kernel_params, with_options
 from .core.reduction import reduce_renio, reduce_sampled_rkl
 from .core.validation import (
     check_backend,
@@ -58,26 +58,17 @@ def row_stats(
     )
 
 
-@with_options_doc
+@with_options
 def renio_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    beta: float = 0.0,
-    divergence: str | None = None,
-    temperature: float = 1.0,
-    token_clip: float | None = None,
-    use_renio: bool = True,
-    ratio_clip: float | None = 2.5,
-    threshold: float = 0.8,
-    weight_temperature: float = 1.0,
-    weight_norm: str = "batch_mean",
-    ignore_index: int = -100,
     backend: str = "auto",
     return_stats: bool = False,
     ema_state: torch.Tensor | None = None,
     check_labels: bool = True,
+    **options,
 ):
     """The ReNIO on-policy distillation loss (``docs/SPEC.md``), fused.
 
@@ -107,7 +98,7 @@ def renio_loss(
     forward KL they give ``d = +inf`` wherever the teacher has mass (unless clipped). A row that
     is ``-inf`` everywhere has no distribution and gives NaN.
     """
-    opts = call_options(**picked_options(locals()))
+    opts = call_options(**options)
     check_ema_state(opts, ema_state, "ReNIOLoss")
     d, ls_x, lt_x = row_stats(
         student_logits,
@@ -118,7 +109,8 @@ def renio_loss(
         with_divergence=True,
         check_labels=check_labels,
     )
-    return reduce_renio(d, ls_x, lt_x, labels != ignore_index, opts, ema_state, return_stats)
+    mask = labels != opts.ignore_index
+    return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats)
 
 
 def sampled_reverse_kl_loss(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core.options import ReNIOOptions
+from .core.options import ReNIOOptions, call_options
 from .core.validation import check_backend, check_chunk_size
 from .fused_linear import fused_linear_renio_loss
 from .loss import renio_loss, sampled_reverse_kl_loss
@@ -34,7 +34,7 @@ class ReNIOModuleBase(nn.Module):
         **options,
     ) -> None:
         super().__init__()
-        self.options = ReNIOOptions(**options)
+        self.options = call_options(**options)
         check_backend(backend)
         self.backend = backend
         self.return_stats = return_stats

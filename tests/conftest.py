@@ -8,9 +8,9 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.helpers import DEVICE  # noqa: E402
+from tests.helpers import DEVICE
 
 
 @pytest.fixture(autouse=True)

@@ -19,13 +19,13 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from renio_kernels.ops.divergences import DIVERGENCES  # noqa: E402
-from renio_kernels.ops.triton.bwd import _renio_bwd_kernel  # noqa: E402
-from renio_kernels.ops.triton.fwd import _renio_fwd_kernel  # noqa: E402
+from renio_kernels.ops.divergences import DIVERGENCES
+from renio_kernels.ops.triton.bwd import _renio_bwd_kernel
+from renio_kernels.ops.triton.fwd import _renio_fwd_kernel
 
 # Argument types by name; the argument list itself is read from each kernel.
 _INT32 = ("T", "V", "ignore_index")

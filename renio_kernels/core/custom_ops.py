@@ -27,9 +27,17 @@ from .autograd import linear_backward, linear_forward, rows_backward, rows_forwa
 
 __all__ = ["check_labels_async", "fused_linear_op", "row_stats_op"]
 
-_T = torch.Tensor
-_Rows7 = tuple[_T, _T, _T, _T, _T, _T, _T]
-_Rows8 = tuple[_T, _T, _T, _T, _T, _T, _T, _T]
+# The options every op takes, in this order (``_schema_options``); plain types only.
+_OPTIONS = "str divergence, float beta, float temperature, float token_clip, int ignore_index, "
+_OPTIONS += "str backend"
+_N_OPTIONS = 6
+_TEACHER = "Tensor[] teacher, Tensor labels, str teacher_kind"
+_LINEAR = "Tensor h_s, Tensor w_s, Tensor? b_s, Tensor h_t, Tensor w_t, Tensor? b_t, Tensor labels"
+_WANT = "int chunk_size, bool want_h, bool want_w, bool want_b, bool direct"
+
+
+def _returns(n: int) -> str:
+    return "(" + ", ".join(["Tensor"] * n) + ")"
 
 
 def _params(divergence: str, beta: float, temperature: float, token_clip: float, ignore_index: int):
@@ -70,26 +78,18 @@ def _forms_unit(backend: str, student, divergence, kind, with_div, store_c, unit
 # --- row losses --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("renio::row_stats_fwd", mutates_args=())
-def row_stats_fwd(
-    student: torch.Tensor,
-    teacher: list[torch.Tensor],
-    labels: torch.Tensor,
-    teacher_kind: str,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    token_clip: float,
-    ignore_index: int,
-    backend: str,
-    with_divergence: bool,
-    store_c: bool,
-    unit_grad: bool,
-) -> _Rows7:
+@torch.library.custom_op(
+    "renio::row_stats_fwd",
+    mutates_args=(),
+    schema=f"(Tensor student, {_TEACHER}, {_OPTIONS}, bool with_divergence, bool store_c, "
+    f"bool unit_grad) -> {_returns(7)}",
+)
+def row_stats_fwd(student, teacher, labels, teacher_kind, *args):
     """``(lse_s, lse_t, ls_x, lt_x, d, c, unit)``: five (B, T) fp32 rows, ``c`` (empty without
     store_c) and the unit-scale gradient (empty unless the backend forms it in the forward)."""
-    params = _params(divergence, beta, temperature, token_clip, ignore_index)
-    kernels = resolve_backend(backend, student.device, divergence, teacher_kind)
+    options, (with_divergence, store_c, unit_grad) = args[:_N_OPTIONS], args[_N_OPTIONS:]
+    params = _params(*options[:5])
+    kernels = resolve_backend(options[5], student.device, params.divergence, teacher_kind)
     stats, unit = rows_forward(
         kernels, student, TEACHER_KINDS[teacher_kind](*teacher), labels, params,
         with_divergence, store_c, unit_grad,
@@ -101,42 +101,31 @@ def row_stats_fwd(
 
 
 @row_stats_fwd.register_fake
-def _row_stats_fwd_fake(
-    student, teacher, labels, teacher_kind, divergence, beta, temperature, token_clip,
-    ignore_index, backend, with_divergence, store_c, unit_grad,
-):  # fmt: skip
+def _row_stats_fwd_fake(student, teacher, labels, teacher_kind, *args):
+    options, (with_divergence, store_c, unit_grad) = args[:_N_OPTIONS], args[_N_OPTIONS:]
     batch, seq, _ = student.shape
     rows = [student.new_empty((batch, seq), dtype=torch.float32) for _ in range(5)]
     c_shape = (batch, seq) if store_c and with_divergence else (0,)
-    formed = _forms_unit(backend, student, divergence, teacher_kind, with_divergence, store_c,
-                         unit_grad)  # fmt: skip
+    formed = with_divergence and store_c and unit_grad
+    if formed:
+        kernels = resolve_backend(options[5], student.device, options[0], teacher_kind)
+        formed = kernels.fwd_grad is not None
     unit = torch.empty_like(student, memory_format=torch.contiguous_format) if formed else None
     return (*rows, student.new_empty(c_shape, dtype=torch.float32),
             unit if unit is not None else _empty(student))  # fmt: skip
 
 
-@torch.library.custom_op("renio::row_stats_bwd", mutates_args=())
-def row_stats_bwd(
-    student: torch.Tensor,
-    teacher: list[torch.Tensor],
-    labels: torch.Tensor,
-    teacher_kind: str,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    c: torch.Tensor,
-    unit: torch.Tensor,
-    grad_d: torch.Tensor | None,
-    grad_ls_x: torch.Tensor | None,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    token_clip: float,
-    ignore_index: int,
-    backend: str,
-) -> torch.Tensor:
+@torch.library.custom_op(
+    "renio::row_stats_bwd",
+    mutates_args=(),
+    schema=f"(Tensor student, {_TEACHER}, Tensor lse_s, Tensor lse_t, Tensor c, Tensor unit, "
+    f"Tensor? grad_d, Tensor? grad_ls_x, {_OPTIONS}) -> Tensor",
+)
+def row_stats_bwd(student, teacher, labels, teacher_kind, lse_s, lse_t, c, unit, grad_d,
+                  grad_ls_x, *options):  # fmt: skip
     """The student's gradient (B, T, Vs) in its dtype, from the per-row upstream gradients."""
-    params = _params(divergence, beta, temperature, token_clip, ignore_index)
-    kernels = resolve_backend(backend, student.device, divergence, teacher_kind)
+    params = _params(*options[:5])
+    kernels = resolve_backend(options[5], student.device, params.divergence, teacher_kind)
     stats = RowStats(lse_s, lse_t, None, None, None, c if c.numel() > 0 else None)
     return rows_backward(
         kernels, params, student, TEACHER_KINDS[teacher_kind](*teacher), labels, stats,
@@ -150,8 +139,8 @@ def _row_stats_bwd_fake(student, *_args):
 
 
 def _row_stats_setup(ctx, inputs, output) -> None:
-    student, teacher, labels, kind, *options = inputs
-    backend, with_div = options[5], options[6]
+    student, teacher, labels, kind, *args = inputs
+    options, with_div = args[:_N_OPTIONS], args[_N_OPTIONS]
     lse_s, lse_t, _, lt_x, d, c, unit = output
     # Unused outputs get None instead of zero tensors, so a loss that only uses d (ReNIO) or
     # only ls[x] (sampled reverse KL) costs the backward kernel no work for the other.
@@ -159,7 +148,7 @@ def _row_stats_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse_s, lse_t, lt_x, c, unit)
     if not with_div:
         ctx.mark_non_differentiable(d)
-    ctx.kind, ctx.options, ctx.with_divergence = kind, (*options[:5], backend), with_div
+    ctx.kind, ctx.options, ctx.with_divergence = kind, options, with_div
     ctx.n_teacher = len(teacher)
     ctx.save_for_backward(student, labels, lse_s, lse_t, c, unit, *teacher)
 
@@ -210,38 +199,25 @@ def check_labels_async(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
 # --- the fused-linear loss -----------------------------------------------------------------------
 
 
-def _plan(h_s, w_s, h_t, labels, options, backend, chunk_size, want) -> SweepPlan:
-    return SweepPlan.build(
-        _params(*options), backend, h_s, w_s, h_t, labels, chunk_size or None, want
+def _plan(h_s, w_s, h_t, labels, args) -> tuple[SweepPlan, bool]:
+    """The plan and the ``direct`` flag from the ops' ``{_OPTIONS}, {_WANT}`` arguments."""
+    options, (chunk_size, *want, direct) = args[:_N_OPTIONS], args[_N_OPTIONS:]
+    plan = SweepPlan.build(
+        _params(*options[:5]), options[5], h_s, w_s, h_t, labels, chunk_size or None, want
     )
+    return plan, direct
 
 
-@torch.library.custom_op("renio::fused_linear_fwd", mutates_args=())
-def fused_linear_fwd(
-    h_s: torch.Tensor,
-    w_s: torch.Tensor,
-    b_s: torch.Tensor | None,
-    h_t: torch.Tensor,
-    w_t: torch.Tensor,
-    b_t: torch.Tensor | None,
-    labels: torch.Tensor,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    token_clip: float,
-    ignore_index: int,
-    backend: str,
-    chunk_size: int,
-    want_h: bool,
-    want_w: bool,
-    want_b: bool,
-    direct: bool,
-) -> _Rows8:
+@torch.library.custom_op(
+    "renio::fused_linear_fwd",
+    mutates_args=(),
+    schema=f"({_LINEAR}, {_OPTIONS}, {_WANT}) -> {_returns(8)}",
+)
+def fused_linear_fwd(h_s, w_s, b_s, h_t, w_t, b_t, labels, *args):
     """``(d, ls_x, lt_x)`` (B, T) fp32, the gradient buffers the forward formed ``(hidden,
     weight, bias)`` (fp32, empty where not formed), ``saved`` (3, N) and ``scale`` (N,) (empty
     where the backward does not need them); see ``autograd.linear_forward``."""
-    options = (divergence, beta, temperature, token_clip, ignore_index)
-    plan = _plan(h_s, w_s, h_t, labels, options, backend, chunk_size, (want_h, want_w, want_b))
+    plan, direct = _plan(h_s, w_s, h_t, labels, args)
     rows, grads, saved, scale = linear_forward(h_s, w_s, b_s, h_t, w_t, b_t, labels, plan, direct)
     empty = _empty(h_s)
     bufs = (None, None, None) if grads is None else (grads.hidden, grads.weight, grads.bias)
@@ -250,9 +226,8 @@ def fused_linear_fwd(
 
 
 @fused_linear_fwd.register_fake
-def _fused_linear_fwd_fake(h_s, w_s, b_s, h_t, w_t, b_t, labels, divergence, beta, temperature,
-                           token_clip, ignore_index, backend, chunk_size, want_h, want_w, want_b,
-                           direct):  # fmt: skip
+def _fused_linear_fwd_fake(h_s, w_s, b_s, h_t, w_t, b_t, labels, *args):
+    want_h, want_w, want_b, direct = args[_N_OPTIONS + 1 :]
     n = labels.numel()
 
     def f32(shape, on: bool):
@@ -267,37 +242,16 @@ def _fused_linear_fwd_fake(h_s, w_s, b_s, h_t, w_t, b_t, labels, divergence, bet
     return (*rows, *grads, f32((3, n), not direct and (want_w or want_b)), f32((n,), direct))
 
 
-@torch.library.custom_op("renio::fused_linear_bwd", mutates_args=())
-def fused_linear_bwd(
-    h_s: torch.Tensor,
-    w_s: torch.Tensor,
-    b_s: torch.Tensor | None,
-    h_t: torch.Tensor,
-    w_t: torch.Tensor,
-    b_t: torch.Tensor | None,
-    labels: torch.Tensor,
-    g_h: torch.Tensor,
-    g_w: torch.Tensor,
-    g_b: torch.Tensor,
-    saved: torch.Tensor,
-    scale: torch.Tensor,
-    grad_d: torch.Tensor,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    token_clip: float,
-    ignore_index: int,
-    backend: str,
-    chunk_size: int,
-    want_h: bool,
-    want_w: bool,
-    want_b: bool,
-    direct: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "renio::fused_linear_bwd",
+    mutates_args=(),
+    schema=f"({_LINEAR}, Tensor g_h, Tensor g_w, Tensor g_b, Tensor saved, Tensor scale, "
+    f"Tensor grad_d, {_OPTIONS}, {_WANT}) -> {_returns(3)}",
+)
+def fused_linear_bwd(h_s, w_s, b_s, h_t, w_t, b_t, labels, g_h, g_w, g_b, saved, scale, grad_d,
+                     *args):  # fmt: skip
     """The student's hidden, weight and bias gradients (in their dtypes; empty when not wanted)."""
-    options = (divergence, beta, temperature, token_clip, ignore_index)
-    want = (want_h, want_w, want_b)
-    plan = _plan(h_s, w_s, h_t, labels, options, backend, chunk_size, want)
+    plan, direct = _plan(h_s, w_s, h_t, labels, args)
     grads = GradBuffers(*(x if x.numel() > 0 else None for x in (g_h, g_w, g_b)))
     shapes = (h_s.shape, h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
     out = linear_backward(
@@ -309,7 +263,7 @@ def fused_linear_bwd(
 
 @fused_linear_bwd.register_fake
 def _fused_linear_bwd_fake(h_s, w_s, b_s, *args):
-    want_h, want_w, want_b = args[-4:-1]
+    want_h, want_w, want_b = args[-4:-1]  # the last arguments are want_h, want_w, want_b, direct
     return (
         torch.empty_like(h_s) if want_h else w_s.new_empty((0,)),
         torch.empty_like(w_s) if want_w else w_s.new_empty((0,)),
@@ -327,7 +281,7 @@ def _fused_linear_setup(ctx, inputs, output) -> None:
 
 def _fused_linear_backward(ctx, grad_d, *_unused):
     nones = (None,) * 15
-    want = ctx.options[-4:-1]
+    want = ctx.options[_N_OPTIONS + 1 : _N_OPTIONS + 4]
     if grad_d is None or not any(want):
         return (None, None, None, *nones)
     g_h, g_w, g_b = fused_linear_bwd(*ctx.saved_tensors, grad_d, *ctx.options)

@@ -10,6 +10,7 @@ the code that uses it, and a line in ``docs/SPEC.md``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -25,9 +26,9 @@ __all__ = [
     "ReNIOOptions",
     "call_options",
     "option_fields",
-    "picked_options",
     "options_doc",
     "traced_options",
+    "with_options",
 ]
 
 WEIGHT_NORMS = ("batch_mean", "clamp", "none", "ema")
@@ -173,11 +174,6 @@ def validate(opts, traced: bool) -> None:
     resolve_divergence(opts.divergence, opts.beta)
 
 
-def picked_options(names_values: dict) -> dict:
-    """The option fields among a public function's ``locals()`` (its keyword arguments)."""
-    return {k: v for k, v in names_values.items() if k in _NAMES}
-
-
 def traced_options(**kw) -> TracedOptions:
     opts = TracedOptions(**kw)
     validate(opts, traced=True)
@@ -189,6 +185,9 @@ def call_options(**kw) -> ReNIOOptions | TracedOptions:
     float (backed by a float64 tensor, Liger-Kernel #1362) that a dataclass's type checks cannot
     take, so there the same ranges are checked with comparisons (which become guards); the custom
     ops receive real Python floats at run time."""
+    unknown = [k for k in kw if k not in _NAMES]
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}; the options are {', '.join(_NAMES)}")
     if torch.compiler.is_compiling():
         return traced_options(**kw)
     return ReNIOOptions(**kw)
@@ -214,7 +213,20 @@ def options_doc(indent: int = 8) -> str:
     return "\n".join(lines)
 
 
-def with_options_doc(fn):
-    """Fill the ``{options}`` placeholder of ``fn``'s docstring with ``options_doc()``."""
+def with_options(fn):
+    """Give a public function taking ``**options`` the record's fields as its documented
+    keyword arguments: ``inspect.signature`` (and so ``help()`` and IDEs that read it) shows each
+    field with its default and type, and the ``{options}`` placeholder of the docstring becomes
+    the fields' documentation."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    first_kw = next((i for i, p in enumerate(params) if p.kind is p.KEYWORD_ONLY), len(params))
+    fields = [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+        )  # fmt: skip
+        for f in option_fields()
+    ]
+    fn.__signature__ = sig.replace(parameters=params[:first_kw] + fields + params[first_kw:])
     fn.__doc__ = fn.__doc__.replace("{options}", options_doc().lstrip())
     return fn

@@ -41,12 +41,22 @@ def _guarded(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p * torch.where(p == 0, torch.zeros_like(x), x)
 
 
-def divergence_terms(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-element divergence terms ``e_v`` from student and teacher log-probabilities."""
+def divergence_terms(
+    ls: torch.Tensor, lt: torch.Tensor, beta: float, divergence: str | None = None
+) -> torch.Tensor:
+    """Per-element divergence terms ``e_v`` from student and teacher log-probabilities.
+
+    ``divergence`` None chooses by ``beta`` (0 forward KL, 1 reverse KL, else JSD).
+    """
     ps, pt = ls.exp(), lt.exp()
-    if beta == 0.0:
+    if divergence is None:
+        divergence = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, "jsd")
+    if divergence == "tvd":
+        # torch.abs's gradient is sign(x), 0 at 0: the subgradient SPEC asks for at ties.
+        return 0.5 * (ps - pt).abs()
+    if divergence == "forward_kl":
         return _guarded(pt, lt - ls)
-    if beta == 1.0:
+    if divergence == "reverse_kl":
         return _guarded(ps, ls - lt)
     # Where both probabilities are 0 every term is guarded away; substituting 0 there keeps
     # logaddexp(-inf, -inf) out of the backward pass.
@@ -64,6 +74,7 @@ def per_token(
     labels: torch.Tensor,
     *,
     beta: float = 0.0,
+    divergence: str | None = None,
     temperature: float = 1.0,
     token_clip: float | None = None,
     ratio_clip: float | None = 2.5,
@@ -73,7 +84,7 @@ def per_token(
     vocab = student_logits.shape[-1]
     ls = torch.log_softmax(student_logits / temperature, dim=-1)
     lt = torch.log_softmax(teacher_logits[..., :vocab].to(ls.dtype) / temperature, dim=-1)
-    e = divergence_terms(ls, lt, beta)
+    e = divergence_terms(ls, lt, beta, divergence)
     if token_clip is not None and token_clip > 0:
         e = torch.clamp(e, 0.0, token_clip)
     mask = labels != ignore_index
@@ -92,6 +103,7 @@ def renio_loss(
     labels: torch.Tensor,
     *,
     beta: float = 0.0,
+    divergence: str | None = None,
     temperature: float = 1.0,
     token_clip: float | None = None,
     use_renio: bool = True,
@@ -109,6 +121,7 @@ def renio_loss(
         teacher_logits,
         labels,
         beta=beta,
+        divergence=divergence,
         temperature=temperature,
         token_clip=token_clip,
         ratio_clip=ratio_clip,

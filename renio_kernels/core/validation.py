@@ -126,7 +126,7 @@ def check_ema_state(opts, ema_state, module: str) -> None:
 
 def _is_dtensor(x: torch.Tensor) -> bool:
     try:
-        from torch.distributed.tensor import DTensor  # noqa: PLC0415
+        from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
         return False
     return isinstance(x, DTensor)

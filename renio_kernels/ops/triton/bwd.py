@@ -119,7 +119,6 @@ def renio_bwd(
     grad_ls_x: torch.Tensor | None,
     *,
     block_v: int | None = None,
-    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_d * d) + sum(grad_ls_x * ls[x])`` w.r.t. the student logits."""
     teacher = teacher_input.logits
@@ -163,6 +162,6 @@ def renio_bwd(
         HAS_DIV_GRAD=grad_d is not None,
         HAS_SAMPLED_GRAD=grad_ls_x is not None,
         BLOCK_V=_block_v(vocab, block_v),
-        num_warps=num_warps or TRITON.num_warps,
+        num_warps=TRITON.num_warps,
     )
     return grad

@@ -163,7 +163,6 @@ def renio_fwd(
     with_divergence: bool = True,
     store_c: bool = True,
     block_v: int | None = None,
-    num_warps: int | None = None,
 ) -> RowStats:
     """Row statistics of ``(B, T, Vs)`` student and ``(B, T, Vt >= Vs)`` teacher logits."""
     teacher = teacher_input.logits
@@ -211,7 +210,7 @@ def renio_fwd(
             WITH_DIVERGENCE=with_divergence,
             STORE_C=store_c,
             BLOCK_V=block,
-            num_warps=num_warps or TRITON.num_warps,
+            num_warps=TRITON.num_warps,
         )
     if d is None:
         d = torch.zeros((batch, seq), dtype=torch.float32, device=device)
