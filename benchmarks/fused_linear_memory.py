@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.memory import peak_extra_bytes
+from benchmarks.runner import cpu_model, write_lines
 from renio_kernels import fused_linear_renio_loss, reference, renio_loss
 from renio_kernels.ops.linear import plan_chunk_rows
 
@@ -94,17 +95,8 @@ def measure(name: str, tokens: int, step, args) -> dict:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return (
-        f"{model}, {torch.get_num_threads()} torch threads, {platform.system()} "
+        f"{cpu_model()}, {torch.get_num_threads()} torch threads, {platform.system()} "
         f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
     )
 
@@ -209,10 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         "Wall times include the page faults of the pinned mmap threshold (every chunk "
         "temporary is a fresh mapping), so they overstate the loss's normal run time.",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write_lines(args.out, lines)
 
 
 if __name__ == "__main__":

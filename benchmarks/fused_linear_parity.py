@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.runner import write_lines
 from renio_kernels import fused_linear_renio_loss, reference, renio_loss
 from tests.helpers import LINEAR_GRAD_RTOL, LOSS_RTOL, rel_err
 from tests.test_fused_linear import make_linear
@@ -124,10 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{LOSS_RTOL[dtype]:.0e} / {LINEAR_GRAD_RTOL[dtype]:.0e} |"
         )
         print(lines[-1], flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write_lines(args.out, lines)
 
 
 if __name__ == "__main__":

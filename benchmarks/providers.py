@@ -187,10 +187,8 @@ def _reference_fl(p: Problem, device: str) -> Case:
 
 
 def _renio_fl(p: Problem, device: str) -> Case:
-    try:
-        from renio_kernels import fused_linear_renio_loss
-    except ImportError as err:
-        raise Unavailable(f"no renio_kernels.fused_linear_renio_loss here: {err}") from err
+    from renio_kernels import fused_linear_renio_loss
+
     hs, ws, ht, wt, y = make_fl_inputs(p, device)
     run = lambda: fused_linear_renio_loss(hs, ws, ht, wt, y, beta=p.beta)
     return Case(run, [hs, ws], "fused_linear_renio_loss (backend auto)", [hs, ws, ht, wt])

@@ -53,16 +53,27 @@ def _sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or "unknown CPU"
+
+
+def write_lines(path, lines: list[str]) -> None:
+    """Write a report (creating its folder) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return _sanitize(torch.cuda.get_device_name(torch.device(device)))
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return f"cpu-{_sanitize(model)}-{os.cpu_count()}c"
+    return f"cpu-{_sanitize(cpu_model())}-{os.cpu_count()}c"
 
 
 def _versions() -> dict[str, str]:

@@ -102,31 +102,19 @@ def renio_loss(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    beta: float = 0.0,
-    divergence: str | None = None,
-    temperature: float = 1.0,
-    token_clip: float | None = None,
     use_renio: bool = True,
-    ratio_clip: float | None = 2.5,
     threshold: float = 0.8,
     weight_temperature: float = 1.0,
     weight_norm: str = "batch_mean",
-    ignore_index: int = -100,
     ema_mean: torch.Tensor | None = None,
     return_stats: bool = False,
+    **token_options,
 ):
-    """The ReNIO loss of SPEC.md, materializing everything. Differentiable in the student."""
-    d, r, mask = per_token(
-        student_logits,
-        teacher_logits,
-        labels,
-        beta=beta,
-        divergence=divergence,
-        temperature=temperature,
-        token_clip=token_clip,
-        ratio_clip=ratio_clip,
-        ignore_index=ignore_index,
-    )
+    """The ReNIO loss of ``docs/SPEC.md``, materializing everything. Differentiable in the student.
+
+    ``token_options`` are those of ``per_token`` (beta, divergence, temperature, token_clip,
+    ratio_clip, ignore_index)."""
+    d, r, mask = per_token(student_logits, teacher_logits, labels, **token_options)
     n = mask.sum(-1).clamp(min=1).to(d.dtype)
     divergence = d.sum(-1) / n
     w, selected, mean_e = sequence_weights(
@@ -152,14 +140,8 @@ def renio_loss(
     return loss, stats
 
 
-def sampled_reverse_kl_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-) -> torch.Tensor:
+def sampled_reverse_kl_loss(student_logits, teacher_logits, labels, *, temperature=1.0,
+                            ignore_index=-100) -> torch.Tensor:  # fmt: skip
     """``-mean over valid tokens of A * ls[x]``, detached advantage ``A = lt[x] - ls[x]``."""
     vocab = student_logits.shape[-1]
     ls = torch.log_softmax(student_logits / temperature, dim=-1)

@@ -19,7 +19,15 @@ import torch
 
 from .divergences import DIVERGENCES, Divergence, resolve_divergence
 
-__all__ = ["DenseTeacher", "DivergenceParams", "RowBackend", "RowStats", "TEACHER_KINDS"]
+__all__ = [
+    "DenseTeacher",
+    "DivergenceParams",
+    "RowBackend",
+    "RowStats",
+    "TEACHER_KINDS",
+    "check_scales",
+    "dense_logits",
+]
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,22 @@ class DenseTeacher(NamedTuple):
     logits: torch.Tensor
 
     kind = "dense"
+
+
+def dense_logits(student: torch.Tensor, teacher_input: DenseTeacher, labels: torch.Tensor):
+    """The teacher's logits, after the layout checks every dense row kernel relies on."""
+    teacher = teacher_input.logits
+    assert student.dim() == 3 and teacher.dim() == 3 and labels.dim() == 2
+    assert teacher.shape[:2] == student.shape[:2] and teacher.shape[2] >= student.shape[2]
+    assert student.stride(-1) == 1 and teacher.stride(-1) == 1
+    assert student.device == teacher.device == labels.device
+    return teacher
+
+
+def check_scales(stats: RowStats, grad_d, grad_ls_x) -> None:
+    """A backward needs at least one upstream scale, and ``C`` for the divergence's."""
+    assert grad_d is not None or grad_ls_x is not None
+    assert grad_d is None or stats.c is not None, "forward ran without store_c"
 
 
 # Every teacher input type, by its ``kind`` (the custom ops carry the kind and the tensors).

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from ...config import TORCH_CHUNK_ELEMENTS
-from ..rows import DenseTeacher, DivergenceParams, RowStats
+from ..rows import DivergenceParams, RowStats, check_scales, dense_logits
 
 __all__ = ["renio_fwd_torch", "renio_bwd_torch", "row_chunks"]
 
@@ -86,17 +86,10 @@ def _sampled(logp: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> t
     return logp.gather(-1, idx.clamp(0, logp.shape[-1] - 1)).squeeze(-1)
 
 
-def renio_fwd_torch(
-    student: torch.Tensor,
-    teacher_input: DenseTeacher,
-    labels: torch.Tensor,
-    params: DivergenceParams,
-    *,
-    with_divergence: bool = True,
-    store_c: bool = True,
-    chunk_elements: int | None = None,
-) -> RowStats:
-    teacher = teacher_input.logits
+def renio_fwd_torch(student, teacher_input, labels, params: DivergenceParams, *,
+                    with_divergence=True, store_c=True, chunk_elements=None):  # fmt: skip
+    """``RowBackend.fwd`` (``ops.rows``) in chunks of about ``chunk_elements`` logits."""
+    teacher = dense_logits(student, teacher_input, labels)
     batch, seq, vocab = student.shape
     out = torch.zeros((6, batch, seq), dtype=torch.float32, device=student.device)
     lse_s, lse_t, ls_x, lt_x, d, c = out.unbind(0)
@@ -128,20 +121,11 @@ def renio_fwd_torch(
     return RowStats(lse_s, lse_t, ls_x, lt_x, d, c if store_c else None)
 
 
-def renio_bwd_torch(
-    student: torch.Tensor,
-    teacher_input: DenseTeacher,
-    labels: torch.Tensor,
-    params: DivergenceParams,
-    stats: RowStats,
-    grad_d: torch.Tensor | None,
-    grad_ls_x: torch.Tensor | None,
-    *,
-    chunk_elements: int | None = None,
-) -> torch.Tensor:
-    teacher = teacher_input.logits
-    assert grad_d is not None or grad_ls_x is not None
-    assert grad_d is None or stats.c is not None, "forward ran without store_c"
+def renio_bwd_torch(student, teacher_input, labels, params: DivergenceParams, stats: RowStats,
+                    grad_d, grad_ls_x, *, chunk_elements=None) -> torch.Tensor:  # fmt: skip
+    """``RowBackend.bwd`` (``ops.rows``) in chunks of about ``chunk_elements`` logits."""
+    teacher = dense_logits(student, teacher_input, labels)
+    check_scales(stats, grad_d, grad_ls_x)
     batch, seq, vocab = student.shape
     grad = torch.empty((batch, seq, vocab), dtype=student.dtype, device=student.device)
     inv_tau = params.inv_tau

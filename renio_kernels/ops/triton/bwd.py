@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ...config import TRITON
-from ..rows import DenseTeacher, DivergenceParams, RowStats
+from ..rows import DivergenceParams, RowStats, check_scales, dense_logits
 from .fwd import _block_v
 from .math import _divergence_terms, _row_pointers
 
@@ -109,21 +109,12 @@ def _renio_bwd_kernel(
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def renio_bwd(
-    student: torch.Tensor,
-    teacher_input: DenseTeacher,
-    labels: torch.Tensor,
-    params: DivergenceParams,
-    stats: RowStats,
-    grad_d: torch.Tensor | None,
-    grad_ls_x: torch.Tensor | None,
-    *,
-    block_v: int | None = None,
-) -> torch.Tensor:
-    """Gradient of ``sum(grad_d * d) + sum(grad_ls_x * ls[x])`` w.r.t. the student logits."""
-    teacher = teacher_input.logits
-    assert grad_d is not None or grad_ls_x is not None
-    assert grad_d is None or stats.c is not None, "forward ran without store_c"
+def renio_bwd(student, teacher_input, labels, params: DivergenceParams, stats: RowStats, grad_d,
+              grad_ls_x, *, block_v=None) -> torch.Tensor:  # fmt: skip
+    """``RowBackend.bwd`` (``ops.rows``): the gradient of ``sum(grad_d * d) + sum(grad_ls_x *
+    ls[x])`` w.r.t. the student logits, one program per row."""
+    teacher = dense_logits(student, teacher_input, labels)
+    check_scales(stats, grad_d, grad_ls_x)
     batch, seq, vocab = student.shape
     grad = torch.empty((batch, seq, vocab), dtype=student.dtype, device=student.device)
     if batch * seq == 0:

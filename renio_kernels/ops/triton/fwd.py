@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ...config import TRITON, interpreting
-from ..rows import DenseTeacher, DivergenceParams, RowStats
+from ..rows import DivergenceParams, RowStats, dense_logits
 from .math import _divergence_terms, _row_pointers
 
 __all__ = ["renio_fwd"]
@@ -154,23 +154,11 @@ def _block_v(vocab: int, block_v: int | None) -> int:
     return min(block_v, triton.next_power_of_2(vocab))
 
 
-def renio_fwd(
-    student: torch.Tensor,
-    teacher_input: DenseTeacher,
-    labels: torch.Tensor,
-    params: DivergenceParams,
-    *,
-    with_divergence: bool = True,
-    store_c: bool = True,
-    block_v: int | None = None,
-) -> RowStats:
-    """Row statistics of ``(B, T, Vs)`` student and ``(B, T, Vt >= Vs)`` teacher logits."""
-    teacher = teacher_input.logits
-    assert student.dim() == 3 and teacher.dim() == 3 and labels.dim() == 2
+def renio_fwd(student, teacher_input, labels, params: DivergenceParams, *, with_divergence=True,
+              store_c=True, block_v=None) -> RowStats:  # fmt: skip
+    """``RowBackend.fwd`` (``ops.rows``): one program per row, ``block_v`` columns per tile."""
+    teacher = dense_logits(student, teacher_input, labels)
     batch, seq, vocab = student.shape
-    assert teacher.shape[:2] == (batch, seq) and teacher.shape[2] >= vocab
-    assert student.stride(-1) == 1 and teacher.stride(-1) == 1
-    assert student.device == teacher.device == labels.device
 
     rows = batch * seq
     device = student.device
