@@ -47,9 +47,7 @@ def _imports(module: str) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             target = (
-                _resolve(module, is_package, node.level, node.module)
-                if node.level
-                else node.module
+                _resolve(module, is_package, node.level, node.module) if node.level else node.module
             )
             # ``from .pkg import sub`` imports the submodule ``pkg.sub`` when there is one.
             names = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES]
