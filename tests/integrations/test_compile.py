@@ -205,3 +205,54 @@ def test_fused_linear_custom_op_opcheck():
             "jsd", 0.5, 1.0, 0.3, -100, "torch", 2, True, True, True, direct,
         )  # fmt: skip
         torch.library.opcheck(torch.ops.renio.fused_linear_fwd.default, args)
+
+
+def test_compiled_and_eager_take_the_same_numerical_path(monkeypatch):
+    """The native CPU kernel forms the gradient in the forward in both modes (the compiled
+    backward scales it into a new tensor): the same numbers, bit for bit."""
+    from renio_kernels.ops.cpu import native
+
+    if native.load_extension() is None:
+        pytest.skip(f"native extension unavailable: {native.extension_error()}")
+    calls = []
+    real = native.renio_fwd_grad_cpu
+    monkeypatch.setattr(native, "renio_fwd_grad_cpu", lambda *a: calls.append(1) or real(*a))
+    inputs = make_inputs(batch=3, seq=6, vocab=300, teacher_vocab=301)
+
+    def fn(s, t, labels):
+        return rk.renio_loss(s, t, labels, backend="cpu", token_clip=0.05, threshold=0.1)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    (loss_c, grad_c), (loss_e, grad_e) = run(compiled, *inputs), run(fn, *inputs)
+    assert len(calls) == 2
+    assert torch.equal(loss_c, loss_e) and torch.equal(grad_c, grad_e)
+
+
+def test_fused_linear_opd_same_path_compiled_and_eager(monkeypatch):
+    """use_renio=False forms the gradients in the forward (4 matmul passes) in both modes."""
+    from renio_kernels.core import autograd
+
+    sweeps = []
+    real = autograd.grad_sweep
+    monkeypatch.setattr(autograd, "grad_sweep", lambda *a: sweeps.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    hs, ht = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 6, generator=g)
+    ws, wt = torch.randn(37, 8, generator=g), torch.randn(37, 6, generator=g)
+    _, _, labels = make_inputs(batch=2, seq=5, vocab=37)
+
+    def fn(h, w):
+        return rk.fused_linear_renio_loss(h, w, ht, wt, labels, use_renio=False, chunk_size=3)
+
+    grads = []
+    for f in (torch.compile(fn, fullgraph=True, backend="aot_eager"), fn):
+        h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        (f(h, w) * -1.7).backward()
+        grads.append((h.grad, w.grad))
+    assert sweeps == []  # no backward recompute sweep in either mode
+    fn(hs, ws.clone().requires_grad_()).backward()
+    assert sweeps == []
+    with_renio = rk.fused_linear_renio_loss(hs, ws.clone().requires_grad_(), ht, wt, labels)
+    with_renio.backward()
+    assert sweeps == [1]  # the spy sees the recompute when there is one
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
