@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         "listed (cpu: the native kernel, which forms the chunk's gradient in its forward), "
         "grad_output 1.7. Relative errors: |loss - ref| / |ref|, and ||g - ref|| / ||ref|| for "
         "the student's hidden-state (h), weight (W) and bias (b) gradients. 'unfused' = logits "
-        "from F.linear in the input dtype, then renio_loss. Tolerances: CHECKLIST.md. Produced "
+        "from F.linear in the input dtype, then renio_loss. Tolerances: tests/helpers.py. Produced "
         f"by `python benchmarks/fused_linear_parity.py` (torch {torch.__version__}, CPU). "
         "Low-precision gradient errors of the fused path are mostly the final rounding of the "
         "returned gradients to the input dtype.",

@@ -82,7 +82,7 @@ PRESETS: dict[str, Preset] = {
         fl_tokens=(1024, 2048, 4096, 8192),
         hiddens=(512,),
         dtypes=("float32",),
-        description="CPU full grid of issue 5, fp32, H=512",
+        description="CPU full grid, fp32, H=512",
     ),
     # The issue's GPU grid: bf16 first (the headline), then fp32 logits at two vocabularies.
     "gpu": Preset(
@@ -93,7 +93,7 @@ PRESETS: dict[str, Preset] = {
         hiddens=(2048, 4096),
         dtypes=("bfloat16",),
         extra_logits=(("float32", 32000), ("float32", 151936)),
-        description="GPU grid of issue 5: bf16 logits and fused-linear (H 2048, 4096), fp32 logits",
+        description="GPU grid: bf16 logits and fused-linear (H 2048, 4096), fp32 logits",
     ),
     # A few seconds: for trying the harness itself.
     "smoke": Preset(

@@ -6,7 +6,7 @@ cannot run here (no GPU, extension not built, package missing) raises ``Unavaila
 reason, which lands in the CSV instead of a number.
 
 Semantics: ``reference*`` and ``renio*`` compute the full ReNIO loss (per-sequence weights on
-the divergence of SPEC.md). Liger computes the plain divergence with no ReNIO weights (label:
+the divergence of docs/SPEC.md). Liger computes the plain divergence with no ReNIO weights (label:
 "plain JSD/KL, no ReNIO weights"); it does less work, never more. Liger-Kernel 0.8.5 uses our
 beta convention (``m = (1-beta) p_s + beta p_t``, beta=0 forward KL(t||s), beta=1 reverse KL;
 ``test_liger_beta_convention`` checks it), so beta is passed through unchanged.

@@ -1,4 +1,4 @@
-"""CHECKLIST.md inputs: infinities, NaN, shifts, identical models, extreme ratios."""
+"""Hostile inputs: infinities, NaN, shifts, identical models, extreme ratios."""
 
 import pytest
 import torch

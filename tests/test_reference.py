@@ -1,4 +1,4 @@
-"""The oracle itself, checked against independent formulations of SPEC.md."""
+"""The oracle itself, checked against independent formulations of docs/SPEC.md."""
 
 import math
 
