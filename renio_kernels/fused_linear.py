@@ -9,8 +9,8 @@ size comes from ``(V, Hs, Ht)`` and the device, or ``chunk_size=``). Per chunk, 
 teacher logits are formed in fp32 and fed to the resolved backend's row kernels (Triton on CUDA,
 the native kernel on CPU, whose forward also forms the chunk's gradient in the same sweeps) as a
 ``(1, rows, V)`` batch. The forward keeps per-token
-``lse_s, lse_t, C`` and returns ``d, ls[x], lt[x]`` like ``RowStatsFunction``;
-``weights.reduce_renio`` turns them into the loss, so the ReNIO weights are exactly those of
+``lse_s, lse_t, C`` and returns ``d, ls[x], lt[x]`` like the row losses (``core.autograd``);
+``core.reduction.reduce_renio`` turns them into the loss, so the ReNIO weights are exactly those of
 ``renio_loss``. Those weights depend on every sequence of the batch, so the per-token gradient
 scale ``gd = dL/dd`` is only known once the whole forward has run. Two consequences:
 

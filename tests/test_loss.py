@@ -51,10 +51,9 @@ def check(backend, dtype=torch.float32, grad_scale=-2.5, inputs=None, **kw):
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    from renio_kernels.config import TritonConfig
-    from renio_kernels.ops.triton import fwd as triton_fwd
+    from renio_kernels import config
 
-    monkeypatch.setattr(triton_fwd, "TRITON", TritonConfig(block_v=16, interpret_block_v=16))
+    monkeypatch.setattr(config, "TRITON", config.TritonConfig(block_v=16, interpret_block_v=16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,7 +5,7 @@ intermediate the way the paper's eager trainer does. It runs in any floating dty
 call it on float64 copies of the inputs. It is deliberately simple and slow: the fused backends
 are checked against it, never the other way round.
 
-Conventions shared with the fused backends (and documented in the README):
+Conventions shared with the fused backends (and documented in ``docs/usage.md``):
 
 * a divergence term whose weighting probability is exactly 0 contributes 0 (so ``-inf`` teacher
   logits never make ``0 * -inf = NaN``); a NaN probability is *not* 0, so NaN inputs propagate;

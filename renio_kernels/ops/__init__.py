@@ -1,5 +1,5 @@
-"""Row kernels: each reduces a ``(b, t)`` row of student/teacher logits to a few fp32 numbers
-(forward) or writes that row's gradient (backward). ``params`` holds the shared types; one file
-per backend stage: ``triton_fwd``/``triton_bwd`` (GPU, or the CPU interpreter), ``torch_chunked``
-(portable), ``cpu`` (the native extension in ``csrc/``).
+"""Row kernels and what they share: ``rows`` (the contract: parameters, per-row stats, the typed
+teacher input, the backend record), ``divergences`` (the registry), ``backends`` (selection),
+one package per backend (``triton`` on GPUs or the CPU interpreter, ``torch`` portable, ``cpu``
+the native extension in ``csrc/``), and ``linear`` (the fused-linear loss's chunk sweeps).
 """

@@ -107,12 +107,12 @@ def test_row_chunks_cover_every_row_once(batch, seq, vocab, chunk):
 
 def test_torch_backend_chunk_size_does_not_change_results(monkeypatch):
     import renio_kernels as rk
-    import renio_kernels.ops.torch.chunked as tc
+    from renio_kernels import config
 
     s, t, labels = make_inputs(batch=3, seq=6, vocab=29)
     results = []
     for chunk in (29, 29 * 4, 29 * 100):
-        monkeypatch.setattr(tc, "TORCH_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(config, "TORCH_CHUNK_ELEMENTS", chunk)
         x = s.clone().requires_grad_()
         loss = rk.renio_loss(x, t, labels, backend="torch", beta=0.5, threshold=0.1)
         loss.backward()

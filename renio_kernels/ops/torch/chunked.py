@@ -1,11 +1,11 @@
 """Portable row kernels in plain PyTorch, a chunk of rows at a time.
 
 Same contract as the Triton kernels (``RowStats`` out of the forward, the student gradient out of
-the backward), same math (see ``triton_math``), in fp32 whatever the input dtype. Rows are taken
-in chunks of about ``TORCH_CHUNK_ELEMENTS`` (rows x vocab) elements, so the fp32 intermediates
-have a fixed size however many tokens there are: peak extra memory is the gradient plus a dozen
-chunk-sized temporaries. Chunks are views of the inputs (whole sequences when they fit, else
-slices of one sequence), so strided inputs are never copied as a whole.
+the backward; ``ops.rows``), same math (``ops.triton.math``), in fp32 whatever the input dtype.
+Rows are taken in chunks of about ``config.TORCH_CHUNK_ELEMENTS`` (rows x vocab) elements, so the
+fp32 intermediates have a fixed size however many tokens there are: peak extra memory is the
+gradient plus a dozen chunk-sized temporaries. Chunks are views of the inputs (whole sequences
+when they fit, else slices of one sequence), so strided inputs are never copied as a whole.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ...config import TORCH_CHUNK_ELEMENTS
+from ... import config
 from ..rows import DivergenceParams, RowStats, check_scales, dense_logits
 
 __all__ = ["renio_fwd_torch", "renio_bwd_torch", "row_chunks"]
@@ -24,7 +24,7 @@ def row_chunks(
     batch: int, seq: int, vocab: int, chunk_elements: int | None = None
 ) -> Iterator[tuple[slice, slice]]:
     """``(b_slice, t_slice)`` blocks covering ``(batch, seq)`` with ~``chunk_elements`` each."""
-    rows = max(1, (chunk_elements or TORCH_CHUNK_ELEMENTS) // max(vocab, 1))
+    rows = max(1, (chunk_elements or config.TORCH_CHUNK_ELEMENTS) // max(vocab, 1))
     if rows >= seq:
         per = max(1, rows // max(seq, 1))
         for b0 in range(0, batch, per):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...config import TRITON
+from ... import config
 from ..rows import DivergenceParams, RowStats, check_scales, dense_logits
 from .fwd import _block_v
 from .math import _divergence_terms, _row_pointers
@@ -153,6 +153,6 @@ def renio_bwd(student, teacher_input, labels, params: DivergenceParams, stats: R
         HAS_DIV_GRAD=grad_d is not None,
         HAS_SAMPLED_GRAD=grad_ls_x is not None,
         BLOCK_V=_block_v(vocab, block_v),
-        num_warps=TRITON.num_warps,
+        num_warps=config.TRITON.num_warps,
     )
     return grad

@@ -4,7 +4,7 @@ Math (``a = s / tau``, ``b = t / tau`` over the student's ``Vs`` columns):
 
     sweep 1: lse_s = logsumexp(a), lse_t = logsumexp(b)     online, one max + one exp per element
              ls[x] = a[x] - lse_s, lt[x] = b[x] - lse_t        two scalar loads (the sampled token)
-    sweep 2: d = sum_v clamp(e_v),  C = sum_v c_v            (e, c: see ``triton_math``)
+    sweep 2: d = sum_v clamp(e_v),  C = sum_v c_v            (e, c: see ``ops.triton.math``)
 
 ``C`` is what the backward pass needs besides the log-sum-exps: ``g_j = (c_j - ps_j C) / tau``
 (SPEC, "Gradient"), so backward is a single sweep that can write each gradient tile at once.
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...config import TRITON, interpreting
+from ... import config
 from ..rows import DivergenceParams, RowStats, dense_logits
 from .math import _divergence_terms, _row_pointers
 
@@ -150,7 +150,8 @@ def _renio_fwd_kernel(
 
 def _block_v(vocab: int, block_v: int | None) -> int:
     if block_v is None:
-        block_v = TRITON.interpret_block_v if interpreting() else TRITON.block_v
+        tiles = config.TRITON
+        block_v = tiles.interpret_block_v if config.interpreting() else tiles.block_v
     return min(block_v, triton.next_power_of_2(vocab))
 
 
@@ -198,7 +199,7 @@ def renio_fwd(student, teacher_input, labels, params: DivergenceParams, *, with_
             WITH_DIVERGENCE=with_divergence,
             STORE_C=store_c,
             BLOCK_V=block,
-            num_warps=TRITON.num_warps,
+            num_warps=config.TRITON.num_warps,
         )
     if d is None:
         d = torch.zeros((batch, seq), dtype=torch.float32, device=device)
