@@ -2,7 +2,7 @@
 
 Measures ``benchmarks.memory.peak_extra_bytes`` (sampled RSS on CPU) of
 
-* the fused-linear loss at several token counts (the issue's target: B*T = 4096, V = 151936,
+* the fused-linear loss at several token counts (the target shape: B*T = 4096, V = 151936,
   H = 256; at most 0.25 x one (B*T, V) fp32 tensor, weight gradient included, and flat in B*T);
 * materialize-then-reference: ``logits = hidden @ W.T`` for both models, then
   ``reference.renio_loss`` (the paper trainer's eager path) in fp32, at a smaller B*T: at 4096
@@ -12,7 +12,7 @@ Measures ``benchmarks.memory.peak_extra_bytes`` (sampled RSS on CPU) of
 Inputs (hidden states, weights, labels) exist before each measurement and are not counted; the
 gradients of the student's hidden states and weight are. Writes a markdown table.
 
-    python benchmarks/fused_linear_memory.py                       # the issue's configuration
+    python benchmarks/fused_linear_memory.py                       # the target configuration
     python benchmarks/fused_linear_memory.py --tokens 512 --scaling 256 --ref-tokens 128   # quick
 """
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += [
         "",
         f"Target (B*T = {args.tokens}): peak {target['peak_mib']:.1f} MiB = "
-        f"{target['ratio']:.3f} x one (B*T, V) fp32 tensor; the issue asks for at most 0.25 x.",
+        f"{target['ratio']:.3f} x one (B*T, V) fp32 tensor; the target is at most 0.25 x.",
         "",
         f"The materialized paths are measured at B*T = {args.ref_tokens}: at B*T = "
         f"{args.tokens} materialize + reference would need about {ref['ratio']:.1f} x "

@@ -1,4 +1,4 @@
-"""What a benchmark point is, and the presets (the issue's shape grid, and a CPU quick mode)."""
+"""What a benchmark point is, and the presets (the full shape grids, and a CPU quick mode)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ PRESETS: dict[str, Preset] = {
         description="CPU quick mode: fp32; V=32000 at B*T 256 and 1024, V=151936 at 128 and 256; "
         "fused-linear V=32000, H=256",
     ),
-    # The issue's CPU grid (hours on 2 cores; the memory cap skips what does not fit).
+    # The full CPU grid (hours on 2 cores; the memory cap skips what does not fit).
     "cpu-full": Preset(
         logits_vocabs=(32000, 128256, 151936, 262144),
         logits_tokens=(1024, 2048, 4096, 8192),
@@ -84,7 +84,7 @@ PRESETS: dict[str, Preset] = {
         dtypes=("float32",),
         description="CPU full grid, fp32, H=512",
     ),
-    # The issue's GPU grid: bf16 first (the headline), then fp32 logits at two vocabularies.
+    # The GPU grid: bf16 first (the headline), then fp32 logits at two vocabularies.
     "gpu": Preset(
         logits_vocabs=(32000, 128256, 151936, 262144),
         logits_tokens=(1024, 2048, 4096, 8192, 16384),
