@@ -32,12 +32,25 @@ from ..ops.rows import DivergenceParams, RowBackend, RowStats
 
 __all__ = [
     "FusedLinearFunction",
+    "no_double_backward",
     "RowStatsFunction",
     "linear_backward",
     "linear_forward",
     "rows_backward",
     "rows_forward",
 ]
+
+
+def no_double_backward() -> None:
+    """The kernels' backward is not itself differentiable: a backward with ``create_graph=True``
+    (a Hessian-vector product, a gradient penalty through the loss) would silently get a wrong
+    second derivative, so it is refused."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "renio_kernels: double backward is not supported (the loss's gradient was requested "
+            "with create_graph=True, e.g. for a Hessian-vector product or a gradient penalty); "
+            "use renio_kernels.reference.renio_loss, which is plain differentiable PyTorch"
+        )
 
 
 def rows_forward(
@@ -111,6 +124,7 @@ class RowStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_d, grad_ls_x, _grad_lt_x):
+        no_double_backward()
         unit, ctx.unit = ctx.unit, None  # handed out at most once
         nones = (None,) * 7
         if grad_d is None and grad_ls_x is None:
@@ -204,6 +218,7 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_d, _grad_ls_x, _grad_lt_x):
+        no_double_backward()
         nones = (None,) * 6
         if grad_d is None or not any(ctx.plan.want):
             return (None, None, None, *nones)

@@ -102,6 +102,9 @@ TracedOptions = namedtuple(
 )
 
 
+_FP32_TINY_RECIPROCAL = 1.0 / 3.4028234663852886e38  # 1 / float32 max
+
+
 def _real(name: str, v, traced: bool) -> None:
     if not traced and (isinstance(v, bool) or not isinstance(v, (int, float))):
         raise ValueError(f"{name} must be a real number, got {v!r}")
@@ -122,6 +125,13 @@ def _check_positive(name, v, traced):
     _real(name, v, traced)
     if not 0.0 < v < math.inf:
         raise ValueError(f"{name} must be finite and > 0, got {v}")
+    # The kernels multiply by 1 / value in fp32: a value whose reciprocal overflows would make
+    # every logit inf and the loss NaN.
+    if not v >= _FP32_TINY_RECIPROCAL:
+        raise ValueError(
+            f"{name} must be >= {_FP32_TINY_RECIPROCAL:.3g} (1 / {name} overflows float32 below "
+            f"that), got {v}"
+        )
 
 
 def _check_clip(name, v, traced):

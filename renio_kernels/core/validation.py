@@ -115,7 +115,21 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -
 
 
 def check_ema_state(opts, ema_state, module: str) -> None:
-    """``weight_norm="ema"`` needs somewhere to keep its running mean."""
+    """``weight_norm="ema"`` needs somewhere to keep its running mean: a 0-dim float tensor."""
+    if ema_state is not None and not (
+        isinstance(ema_state, torch.Tensor)
+        and ema_state.dim() == 0
+        and ema_state.is_floating_point()
+    ):
+        got = (
+            f"a {ema_state.dim()}-dim {ema_state.dtype} tensor"
+            if isinstance(ema_state, torch.Tensor)
+            else type(ema_state).__name__
+        )
+        raise ValueError(
+            f"ema_state must be a 0-dim floating-point tensor (it is updated in place), got "
+            f"{got}; create it with torch.full((), float('nan')) and keep it between calls"
+        )
     if opts.weight_norm == "ema" and opts.use_renio and ema_state is None:
         raise ValueError(
             f"weight_norm='ema' keeps a running mean across calls: use "
