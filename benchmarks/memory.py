@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .cpu_cache import empty_cpu_grad_cache
+from renio_kernels.cpu_cache import empty_cpu_grad_cache
 
 __all__ = ["peak_extra_bytes", "current_rss_bytes", "pin_mmap_threshold"]
 

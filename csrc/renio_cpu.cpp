@@ -27,9 +27,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <chrono>
 #include <optional>
-#include <vector>
 
 namespace renio {
 namespace {
@@ -255,30 +253,6 @@ at::Tensor renio_bwd(const at::Tensor& student, const at::Tensor& teacher, const
   return grad;
 }
 
-// exp evaluations per second of the kernels' vector exp (vexp) over an L1-resident buffer, all
-// threads (the compute side of the benchmark's floor; not used by the loss).
-double exp_throughput(int64_t iters) {
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> sinks(threads, 0.0f);
-  const auto start = std::chrono::steady_clock::now();
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float x[1024];
-    for (int i = 0; i < 1024; ++i) x[i] = -8.0f + 16.0f * static_cast<float>(i) / 1024.0f;
-    for (int64_t tid = begin; tid < end; ++tid) {
-      Vec acc(0.0f);
-      for (int64_t it = 0; it < iters; ++it) {
-        for (int i = 0; i < 1024; i += Vec::size()) acc += vexp(Vec::loadu(x + i));
-      }
-      sinks[tid] = reduce_sum(acc);
-    }
-  });
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  volatile float keep = 0.0f;
-  for (float v : sinks) keep = keep + v;
-  return static_cast<double>(threads) * iters * 1024 / secs;
-}
-
 }  // namespace renio
 
 TORCH_LIBRARY(renio_kernels_cpu, m) {
@@ -290,7 +264,6 @@ TORCH_LIBRARY(renio_kernels_cpu, m) {
       "renio_bwd(Tensor student, Tensor teacher, Tensor labels, Tensor lse_s, Tensor lse_t, "
       "Tensor? c, Tensor? grad_d, Tensor? grad_ls_x, float inv_tau, float beta, float log_beta, "
       "float log_1m_beta, float token_clip, int beta_mode, bool clip, int ignore_index) -> Tensor");
-  m.def("exp_throughput(int iters) -> float", &renio::exp_throughput);
   m.def("divergence_names() -> str[]", &renio::divergence_names);
 }
 
