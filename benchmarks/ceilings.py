@@ -2,10 +2,11 @@
 
 * copy bandwidth: ``dst.copy_(src)`` on buffers far larger than any cache; bytes read + written.
 * exp throughput: exponentials per second where memory is not the limit. CPU: the faster of
-  ``torch.exp`` on a cache-resident buffer and, when the native extension is built, its own
-  vector exp over an L1-resident buffer (``exp_throughput``): the floor must use the best exp
-  the machine runs, or a kernel with a cheaper exp would beat its "floor". GPU: a Triton kernel
-  that applies many exps to values held in registers (a torch ``exp`` there measures memory).
+  ``torch.exp`` on a cache-resident buffer and, when a compiler is present, the native kernel's
+  vector exp over an L1-resident buffer (``exp_probe.exp_throughput``, a benchmark-only
+  extension): the floor must use the best exp the machine runs, or a kernel with a cheaper exp
+  would beat its "floor". GPU: a Triton kernel that applies many exps to values held in
+  registers (a torch ``exp`` there measures memory).
 * matmul rate: one square matmul in the benchmark's dtype, 2*n^3 FLOPs.
 Each is the best of several runs after a warm-up: a ceiling is what the machine can do, and on a
 shared machine the median would fold the neighbours' load into it.
@@ -51,14 +52,12 @@ def exp_rate(device: str) -> float:
 
 def _native_exp_rate() -> float:
     try:
-        from renio_kernels.ops.cpu import native as cpu
+        from .exp_probe import exp_throughput
 
-        if cpu.load_extension() is None:
-            return 0.0
-        rate = torch.ops.renio_kernels_cpu.exp_throughput
-    except (ImportError, AttributeError, RuntimeError):  # extension not on this branch / built
+        exp_throughput(1)  # builds the probe (benchmarks/exp_probe.cpp) on first use
+    except (ImportError, RuntimeError, OSError):  # no compiler or no ninja here
         return 0.0
-    return max(rate(64) for _ in range(30))  # ~64K exps a call: the best call is unloaded
+    return max(exp_throughput(64) for _ in range(30))  # ~64K exps a call: the best call is unloaded
 
 
 def _exp_rate_triton(device: str) -> float:

@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import renio_kernels  # noqa: E402
+from benchmarks import exp_probe  # noqa: E402
 from benchmarks.memory import peak_extra_bytes  # noqa: E402
 from renio_kernels import config, reference  # noqa: E402
 from renio_kernels.ops.cpu import native as cpu  # noqa: E402
@@ -203,7 +204,7 @@ def exp_rates() -> tuple[float, float]:
     threads = torch.get_num_threads()
     x = torch.rand(1 << 14) * -20  # 64 KiB: L1/L2-resident, below torch's parallel grain
     y = torch.empty_like(x)
-    vexp = torch.ops.renio_kernels_cpu.exp_throughput
+    vexp = exp_probe.exp_throughput
     try:
         torch.set_num_threads(1)
         torch_one = x.numel() / best_s(lambda: torch.exp(x, out=y), 500)

@@ -1,5 +1,5 @@
-// Native CPU row kernels of the ReNIO loss: the contract of renio_kernels/ops/triton_fwd.py and
-// triton_bwd.py (and ops/torch_chunked.py), for CPU tensors, one row per task. An eager
+// Native CPU row kernels of the ReNIO loss: the contract of renio_kernels/ops/triton/fwd.py and
+// triton/bwd.py (and ops/torch/chunked.py), for CPU tensors, one row per task. An eager
 // renio_loss(...).backward() uses renio_cpu_grad.cpp instead (the gradient formed in the forward);
 // these serve no_grad forwards, sampled_reverse_kl_loss, a second backward, losses with a
 // gradient through ls[x], the torch.compile custom op, and config.CPU_GRAD_IN_FORWARD = False.
@@ -27,9 +27,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <chrono>
 #include <optional>
-#include <vector>
 
 namespace renio {
 namespace {
@@ -60,7 +58,7 @@ void row_logsumexps(const void* s, c10::ScalarType s_type, const void* t, c10::S
   }
 }
 
-template <int kBetaMode, bool kClip>
+template <int kMode, bool kClip>
 void fwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarType t_type,
              int64_t vocab, int64_t label, const DivParams& p, bool with_divergence, RowOut& out,
              float* a, float* b) {
@@ -84,8 +82,8 @@ void fwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
     load_tile(tile_ptr(t, t_type, v0), t_type, n, p.inv_tau, b);
     Vec d_acc(0.0f), c_acc(0.0f);
     for (int64_t i = 0; i < padded(n); i += Vec::size()) {
-      divergence_terms<kBetaMode, kClip, false>(Vec::loadu(a + i) - vlse_s,
-                                                Vec::loadu(b + i) - vlse_t, p, e, de, unused_ps);
+      divergence_terms<kMode, kClip, false>(Vec::loadu(a + i) - vlse_s, Vec::loadu(b + i) - vlse_t,
+                                            p, e, de, unused_ps);
       d_acc += e;
       c_acc += de;
     }
@@ -110,7 +108,7 @@ struct BwdScratch {
   alignas(64) float g[kTile];
 };
 
-template <int kBetaMode, bool kClip>
+template <int kMode, bool kClip>
 struct FwdRows {
   static void run(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                   const DivParams& p, int64_t ignore_index, bool with_divergence, bool store_c,
@@ -124,9 +122,9 @@ struct FwdRows {
       RowOut r;
       const int64_t label = label_at(labels, l_addr, row);
       if (label != ignore_index) {
-        fwd_row<kBetaMode, kClip>(row_ptr(student, s_addr(row)), student.scalar_type(),
-                                  row_ptr(teacher, t_addr(row)), teacher.scalar_type(), vocab,
-                                  label, p, with_divergence, r, sc.a, sc.b);
+        fwd_row<kMode, kClip>(row_ptr(student, s_addr(row)), student.scalar_type(),
+                              row_ptr(teacher, t_addr(row)), teacher.scalar_type(), vocab, label,
+                              p, with_divergence, r, sc.a, sc.b);
       }
       if (!store_c) r.c = 0.0f;
       r.store(o, rows, row);
@@ -139,7 +137,7 @@ struct RowScales {
   float lse_s, lse_t, c, gd, gx;  // gd, gx already divided by tau
 };
 
-template <int kBetaMode, bool kClip>
+template <int kMode, bool kClip>
 void bwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarType t_type,
              int64_t vocab, int64_t label, const DivParams& p, const RowScales& k, bool has_div,
              bool has_x, void* grad, BwdScratch& sc) {
@@ -156,7 +154,7 @@ void bwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
       const Vec ls = Vec::loadu(sc.a + i) - lse_s;
       Vec gi;
       if (has_div) {
-        divergence_terms<kBetaMode, kClip, true>(ls, Vec::loadu(sc.b + i) - lse_t, p, e, de, ps);
+        divergence_terms<kMode, kClip, true>(ls, Vec::loadu(sc.b + i) - lse_t, p, e, de, ps);
         gi = gd * at::vec::fnmadd(ps, c_sum, de);
         if (has_x) gi = at::vec::fnmadd(gx, ps, gi);
       } else {
@@ -176,7 +174,7 @@ void bwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
   }
 }
 
-template <int kBetaMode, bool kClip>
+template <int kMode, bool kClip>
 struct BwdRows {
   static void run(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                   const DivParams& p, int64_t ignore_index, const at::Tensor& lse_s,
@@ -206,9 +204,9 @@ struct BwdRows {
       const RowScales k{lse_s_p[row], has_div ? lse_t_p[row] : 0.0f, has_div ? c_p[row] : 0.0f,
                         has_div ? gd_p[row] * p.inv_tau : 0.0f,
                         has_x ? gx_p[row] * p.inv_tau : 0.0f};
-      bwd_row<kBetaMode, kClip>(row_ptr(student, s_addr(row)), student.scalar_type(),
-                                row_ptr(teacher, t_addr(row)), teacher.scalar_type(), vocab, label,
-                                p, k, has_div, has_x, grad_row, sc);
+      bwd_row<kMode, kClip>(row_ptr(student, s_addr(row)), student.scalar_type(),
+                            row_ptr(teacher, t_addr(row)), teacher.scalar_type(), vocab, label, p,
+                            k, has_div, has_x, grad_row, sc);
     });
   }
 };
@@ -219,13 +217,14 @@ using BwdFn = decltype(&BwdRows<0, false>::run);
 // (6, B, T) fp32: lse_s, lse_t, ls_x, lt_x, d (0 without the divergence), c (0 unless store_c).
 at::Tensor renio_fwd(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                      double inv_tau, double beta, double log_beta, double log_1m_beta,
-                     double token_clip, int64_t beta_mode, bool clip, int64_t ignore_index,
+                     double token_clip, int64_t mode, bool clip, int64_t ignore_index,
                      bool with_divergence, bool store_c) {
   check_inputs(student, teacher, labels);
-  at::Tensor out = at::empty({6, student.size(0), student.size(1)}, student.options().dtype(at::kFloat));
+  at::Tensor out =
+      at::empty({6, student.size(0), student.size(1)}, student.options().dtype(at::kFloat));
   const DivParams p = div_params(inv_tau, beta, log_beta, log_1m_beta, token_clip);
-  pick<FwdFn, FwdRows>(beta_mode, clip)(student, teacher, labels, p, ignore_index,
-                                         with_divergence, store_c && with_divergence, out);
+  pick<FwdFn, FwdRows>(mode, clip)(student, teacher, labels, p, ignore_index, with_divergence,
+                                   store_c && with_divergence, out);
   return out;
 }
 
@@ -234,7 +233,7 @@ at::Tensor renio_bwd(const at::Tensor& student, const at::Tensor& teacher, const
                      const at::Tensor& lse_s, const at::Tensor& lse_t,
                      const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& grad_d,
                      const std::optional<at::Tensor>& grad_ls_x, double inv_tau, double beta,
-                     double log_beta, double log_1m_beta, double token_clip, int64_t beta_mode,
+                     double log_beta, double log_1m_beta, double token_clip, int64_t mode,
                      bool clip, int64_t ignore_index) {
   check_inputs(student, teacher, labels);
   TORCH_CHECK(grad_d.has_value() || grad_ls_x.has_value(), "renio cpu: no gradient to propagate");
@@ -250,33 +249,9 @@ at::Tensor renio_bwd(const at::Tensor& student, const at::Tensor& teacher, const
   bool fresh = false;
   at::Tensor grad = empty_grad(student.sizes(), student.scalar_type(), &fresh);
   const DivParams p = div_params(inv_tau, beta, log_beta, log_1m_beta, token_clip);
-  pick<BwdFn, BwdRows>(beta_mode, clip)(student, teacher, labels, p, ignore_index, lse_s, lse_t,
-                                         c, grad_d, grad_ls_x, grad, fresh);
+  pick<BwdFn, BwdRows>(mode, clip)(student, teacher, labels, p, ignore_index, lse_s, lse_t, c,
+                                   grad_d, grad_ls_x, grad, fresh);
   return grad;
-}
-
-// exp evaluations per second of the kernels' vector exp (vexp) over an L1-resident buffer, all
-// threads (the compute side of the benchmark's floor; not used by the loss).
-double exp_throughput(int64_t iters) {
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> sinks(threads, 0.0f);
-  const auto start = std::chrono::steady_clock::now();
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float x[1024];
-    for (int i = 0; i < 1024; ++i) x[i] = -8.0f + 16.0f * static_cast<float>(i) / 1024.0f;
-    for (int64_t tid = begin; tid < end; ++tid) {
-      Vec acc(0.0f);
-      for (int64_t it = 0; it < iters; ++it) {
-        for (int i = 0; i < 1024; i += Vec::size()) acc += vexp(Vec::loadu(x + i));
-      }
-      sinks[tid] = reduce_sum(acc);
-    }
-  });
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  volatile float keep = 0.0f;
-  for (float v : sinks) keep = keep + v;
-  return static_cast<double>(threads) * iters * 1024 / secs;
 }
 
 }  // namespace renio
@@ -284,13 +259,12 @@ double exp_throughput(int64_t iters) {
 TORCH_LIBRARY(renio_kernels_cpu, m) {
   m.def(
       "renio_fwd(Tensor student, Tensor teacher, Tensor labels, float inv_tau, float beta, "
-      "float log_beta, float log_1m_beta, float token_clip, int beta_mode, bool clip, "
+      "float log_beta, float log_1m_beta, float token_clip, int mode, bool clip, "
       "int ignore_index, bool with_divergence, bool store_c) -> Tensor");
   m.def(
       "renio_bwd(Tensor student, Tensor teacher, Tensor labels, Tensor lse_s, Tensor lse_t, "
       "Tensor? c, Tensor? grad_d, Tensor? grad_ls_x, float inv_tau, float beta, float log_beta, "
-      "float log_1m_beta, float token_clip, int beta_mode, bool clip, int ignore_index) -> Tensor");
-  m.def("exp_throughput(int iters) -> float", &renio::exp_throughput);
+      "float log_1m_beta, float token_clip, int mode, bool clip, int ignore_index) -> Tensor");
   m.def("divergence_names() -> str[]", &renio::divergence_names);
 }
 

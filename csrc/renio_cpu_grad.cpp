@@ -202,7 +202,7 @@ void flush_pending(GradScratch& sc, int64_t vocab, c10::ScalarType type, float i
 
 // Sweeps 1 and 2 of a row (sweep 1 interleaved with the pending row's sweep 3); leaves the row
 // pending in sc.prev. T: the dtype read in place (the other side, if different, is staged).
-template <int kBetaMode, bool kClip, typename T>
+template <int kMode, bool kClip, typename T>
 void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarType t_type,
                   int64_t vocab, int64_t label, const DivParams& p, RowOut& out, void* grad,
                   GradScratch& sc) {
@@ -239,7 +239,7 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
           const Vec pt = Vec::loadu(et + v0 + i) * ft;
           const Vec ls = at::vec::fmsub(a[i], scale_a, vlse_s);
           const Vec lt = at::vec::fmsub(b[i], scale_b, vlse_t);
-          divergence_from_probs<kBetaMode, kClip>(ls, lt, ps, pt, p, e, de);
+          divergence_from_probs<kMode, kClip>(ls, lt, ps, pt, p, e, de);
           d_acc += e;
           c_acc += de;
           de.store(et + v0 + i);
@@ -257,7 +257,7 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
   std::swap(sc.cur, sc.prev);
 }
 
-template <int kBetaMode, bool kClip>
+template <int kMode, bool kClip>
 struct FwdGradRows {
   static void run(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                   const DivParams& p, int64_t ignore_index, at::Tensor& out, at::Tensor& grad,
@@ -279,11 +279,11 @@ struct FwdGradRows {
       if (label == ignore_index) {
         std::memset(grad_row, 0, row_bytes);  // +0.0 in fp32, fp16 and bf16
       } else {
-        auto row_fn = fwd_grad_row<kBetaMode, kClip, float>;
+        auto row_fn = fwd_grad_row<kMode, kClip, float>;
         if (s_type == teacher.scalar_type() && s_type == c10::ScalarType::Half) {
-          row_fn = fwd_grad_row<kBetaMode, kClip, c10::Half>;
+          row_fn = fwd_grad_row<kMode, kClip, c10::Half>;
         } else if (s_type == teacher.scalar_type() && s_type == c10::ScalarType::BFloat16) {
-          row_fn = fwd_grad_row<kBetaMode, kClip, c10::BFloat16>;
+          row_fn = fwd_grad_row<kMode, kClip, c10::BFloat16>;
         }
         row_fn(row_ptr(student, s_addr(row)), s_type, row_ptr(teacher, t_addr(row)),
                teacher.scalar_type(), vocab, label, p, r, grad_row, sc);
@@ -324,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor> renio_fwd_grad(const at::Tensor& student,
                                                   const at::Tensor& labels, double inv_tau,
                                                   double beta, double log_beta,
                                                   double log_1m_beta, double token_clip,
-                                                  int64_t beta_mode, bool clip,
+                                                  int64_t mode, bool clip,
                                                   int64_t ignore_index) {
   check_inputs(student, teacher, labels);
   at::Tensor out =
@@ -332,8 +332,8 @@ std::tuple<at::Tensor, at::Tensor> renio_fwd_grad(const at::Tensor& student,
   bool fresh = false;
   at::Tensor grad = empty_grad(student.sizes(), student.scalar_type(), &fresh);
   const DivParams p = div_params(inv_tau, beta, log_beta, log_1m_beta, token_clip);
-  pick<FwdGradFn, FwdGradRows>(beta_mode, clip)(student, teacher, labels, p, ignore_index, out,
-                                                 grad, fresh);
+  pick<FwdGradFn, FwdGradRows>(mode, clip)(student, teacher, labels, p, ignore_index, out, grad,
+                                           fresh);
   return {out, grad};
 }
 
@@ -376,7 +376,7 @@ void renio_scale_grad(const at::Tensor& grad, const at::Tensor& scale, const at:
 TORCH_LIBRARY_FRAGMENT(renio_kernels_cpu, m) {
   m.def(
       "renio_fwd_grad(Tensor student, Tensor teacher, Tensor labels, float inv_tau, float beta, "
-      "float log_beta, float log_1m_beta, float token_clip, int beta_mode, bool clip, "
+      "float log_beta, float log_1m_beta, float token_clip, int mode, bool clip, "
       "int ignore_index) -> (Tensor, Tensor)");
   m.def("renio_scale_grad(Tensor(a!) grad, Tensor scale, Tensor labels, int ignore_index) -> ()");
 }

@@ -1,18 +1,21 @@
 // Vectorized element math of the ReNIO row kernels on the CPU (same math as
-// renio_kernels/ops/triton_math.py). For one vector of a row, with ls/lt the student/teacher
-// log-probabilities (already divided by the temperature and normalized), ps = exp(ls), pt = exp(lt):
+// renio_kernels/ops/triton/math.py). For one vector of a row, with ls/lt the student/teacher
+// log-probabilities (already divided by the temperature and normalized) and ps = exp(ls),
+// pt = exp(lt), each divergence of renio_kernels/ops/divergences.py:
 //
-//   beta == 0 (forward KL):  e = pt (lt - ls)                     de/dls = -pt
-//   beta == 1 (reverse KL):  e = ps (ls - lt)                     de/dls = ps (ls - lt + 1)
-//   otherwise (JSD), m = (1 - beta) ps + beta pt:
+//   forward_kl:  e = pt (lt - ls)                             de/dls = -pt
+//   reverse_kl:  e = ps (ls - lt)                             de/dls = ps (ls - lt + 1)
+//   jsd, m = (1 - beta) ps + beta pt:
 //       e = beta pt (lt - log m) + (1 - beta) ps (ls - log m)
 //       de/dls = (1 - beta) ps (ls - log m)
+//   tvd:         e = |ps - pt| / 2                            de/dls = ps sign(ps - pt) / 2
 //
 // Guards, exactly as the Triton kernels: a term whose probability is exactly 0 is 0 (so -inf
 // logits never give 0 * -inf), tested with `p == 0` so a NaN probability keeps its NaN. The token
 // clip clamps e to [0, clip] and zeroes de/dls where the clamp is active (inclusive bounds, like
 // torch.clamp's gradient; for the JSD only the upper bound gates), keeping NaN. log m is a guarded
-// log-add-exp, finite whenever one side is.
+// log-add-exp, finite whenever one side is. The TVD's sign is 0 at exact ties (the subgradient
+// torch.abs uses) and where ps - pt is NaN (as the Triton kernel; the term itself stays NaN).
 //
 // Vectors are at::vec::Vectorized<float> (16 lanes under AVX-512, 8 under AVX2); exp is the inlined
 // polynomial vexp below, log1p (JSD only) the Sleef routine libtorch exports.
@@ -39,7 +42,24 @@ constexpr int64_t kTile = 2048;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-enum BetaMode : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+// The divergences these kernels implement, indexed by the kernels' mode argument: the Python side
+// looks each name of renio_kernels/ops/divergences.py up in kDivergenceNames (divergence_names()),
+// and backend="auto" falls back to another backend for a name missing here. Adding one takes an
+// enumerator before kNumDivergences, its name at the same index, and its branch in
+// divergence_from_probs; the kernel tables (pick in renio_cpu_rows.h) follow from the enum.
+enum DivergenceMode : int { kForwardKL, kReverseKL, kJSD, kTVD, kNumDivergences };
+inline constexpr const char* kDivergenceNames[] = {"forward_kl", "reverse_kl", "jsd", "tvd"};
+static_assert(sizeof(kDivergenceNames) / sizeof(kDivergenceNames[0]) == kNumDivergences,
+              "one name per divergence mode");
+
+// Which probabilities a divergence's terms read (divergence_terms skips the exp of the other;
+// a new divergence reads both unless listed here).
+constexpr bool reads_ps(int mode) { return mode != kForwardKL; }
+constexpr bool reads_pt(int mode) { return mode != kReverseKL; }
+// Terms that are >= 0 in exact arithmetic but may round below 0 (the JSD's, by the log-sum
+// inequality): only the clip's upper bound gates their gradient (nonnegative_terms in
+// divergences.py).
+constexpr bool nonnegative_terms(int mode) { return mode == kJSD; }
 
 struct DivParams {
   float inv_tau;
@@ -88,6 +108,28 @@ inline Vec vexp(const Vec& x) {
 #endif
 }
 
+// x exactly as computed, opaque to the optimizer. GCC contracts `a * b - c` into an FMA across
+// inlined calls (its vector intrinsics are plain vector arithmetic and -ffp-contract=fast is its
+// default), subtracting c from the exact product a * b instead of the rounded one. Where two
+// values must compare as computed (ps - pt with ps == pt giving 0, when either is a product such
+// as renio_fwd_grad's stored exp times its tile factor), both go through here.
+inline Vec opaque(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 v = x;
+  asm("" : "+v"(v));
+  return v;
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 v = x;
+  asm("" : "+x"(v));
+  return v;
+#else
+  alignas(64) float lanes[Vec::size()];
+  x.store(lanes);
+  asm volatile("" : : "r"(lanes) : "memory");
+  return Vec::loadu(lanes);
+#endif
+}
+
 // p * x, but 0 where p == 0 whatever x is (so 0 * -inf is 0); a NaN p is not 0 and stays NaN.
 inline Vec guarded(const Vec& p, const Vec& x) { return p * ((p != Vec(0.0f)) & x); }
 
@@ -109,30 +151,38 @@ inline Vec logaddexp(const Vec& x, const Vec& y) {
 }
 
 // e (clamped when kClip) and de/dls (gated when kClip) for one vector, from the log-probabilities
-// and the probabilities ps = exp(ls), pt = exp(lt) (beta == 0 reads no ps, beta == 1 no pt).
-template <int kBetaMode, bool kClip>
+// and the probabilities ps = exp(ls), pt = exp(lt) (a mode reads only those reads_ps / reads_pt
+// allow).
+template <int kMode, bool kClip>
 inline void divergence_from_probs(const Vec& ls, const Vec& lt, const Vec& ps, const Vec& pt,
                                   const DivParams& p, Vec& e, Vec& de) {
-  if constexpr (kBetaMode == kForwardKL) {
+  static_assert(kMode >= 0 && kMode < kNumDivergences, "unknown divergence mode");
+  if constexpr (kMode == kForwardKL) {
     e = guarded(pt, lt - ls);
     de = Vec(0.0f) - pt;
-  } else if constexpr (kBetaMode == kReverseKL) {
+  } else if constexpr (kMode == kReverseKL) {
     const Vec diff = (ps != Vec(0.0f)) & (ls - lt);
     e = ps * diff;
     de = ps * (diff + Vec(1.0f));
-  } else {
+  } else if constexpr (kMode == kJSD) {
     const Vec log_m = logaddexp(ls + Vec(p.log_1m_beta), lt + Vec(p.log_beta));
     const Vec s_term = guarded(ps, ls - log_m);
     e = at::vec::fmadd(Vec(p.beta), guarded(pt, lt - log_m), Vec(1.0f - p.beta) * s_term);
     de = Vec(1.0f - p.beta) * s_term;
+  } else if constexpr (kMode == kTVD) {
+    const Vec diff = opaque(ps) - opaque(pt);  // exactly 0 where ps == pt (see opaque)
+    const Vec half_ps = Vec(0.5f) * ps;
+    e = Vec(0.5f) * diff.abs();
+    // +ps/2 where ps > pt, -ps/2 where ps < pt, 0 at a tie or a NaN difference.
+    de = ((diff > Vec(0.0f)) & half_ps) - ((diff < Vec(0.0f)) & half_ps);
   }
   if constexpr (kClip) {
     // The gradient flows where the clamp is inactive, bounds included (torch.clamp); a NaN e
-    // fails every comparison, so its gradient is 0 as in the Triton kernel. A JSD term is >= 0
-    // in exact arithmetic, so only its upper bound gates: below 0 is rounding noise where
-    // ps ~ pt, and exact arithmetic keeps that gradient.
+    // fails every comparison, so its gradient is 0 as in the Triton kernel. A term that is >= 0
+    // in exact arithmetic (nonnegative_terms) gates on the upper bound only: below 0 is rounding
+    // noise (for the JSD where ps ~ pt), and exact arithmetic keeps that gradient.
     const Vec clamped = clamp_keep_nan(e, Vec(p.clip));
-    if constexpr (kBetaMode == kJSD) {
+    if constexpr (nonnegative_terms(kMode)) {
       de = de & (e <= Vec(p.clip));
     } else {
       de = de & (clamped == e);
@@ -142,13 +192,13 @@ inline void divergence_from_probs(const Vec& ls, const Vec& lt, const Vec& ps, c
 }
 
 // e, de/dls and, when kNeedPs, ps for one vector, evaluating only the exps the mode needs.
-template <int kBetaMode, bool kClip, bool kNeedPs>
+template <int kMode, bool kClip, bool kNeedPs>
 inline void divergence_terms(const Vec& ls, const Vec& lt, const DivParams& p, Vec& e, Vec& de,
                              Vec& ps) {
-  constexpr bool kPs = kNeedPs || kBetaMode != kForwardKL;
+  constexpr bool kPs = kNeedPs || reads_ps(kMode);
   if constexpr (kPs) ps = vexp(ls);
-  const Vec pt = kBetaMode == kReverseKL ? Vec(0.0f) : vexp(lt);
-  divergence_from_probs<kBetaMode, kClip>(ls, lt, kPs ? ps : Vec(0.0f), pt, p, e, de);
+  const Vec pt = reads_pt(kMode) ? vexp(lt) : Vec(0.0f);
+  divergence_from_probs<kMode, kClip>(ls, lt, kPs ? ps : Vec(0.0f), pt, p, e, de);
 }
 
 // Lane max and sum (a fixed reduction tree per ISA, so a row's result never depends on the

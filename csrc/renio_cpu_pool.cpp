@@ -30,9 +30,8 @@ class GradCache {
       if (enabled_) {
         size_t best = free_.size();
         for (size_t i = 0; i < free_.size(); ++i) {
-          if (free_[i].second >= bytes && (best == free_.size() || free_[i].second < free_[best].second)) {
-            best = i;
-          }
+          const bool fits = free_[i].second >= bytes;
+          if (fits && (best == free_.size() || free_[i].second < free_[best].second)) best = i;
         }
         if (best != free_.size()) {
           void* ptr = free_[best].first;

@@ -13,7 +13,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <iterator>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace renio {
@@ -120,22 +122,24 @@ inline void prefault_row(char* row, int64_t bytes) {
 #endif
 }
 
-// The divergences these kernels implement, indexed by their mode argument. The Python side looks
-// each name up here (renio_kernels/ops/divergences.py lists every divergence; backend="auto"
-// falls back to another backend for the ones missing here).
-inline std::vector<std::string> divergence_names() { return {"forward_kl", "reverse_kl", "jsd"}; }
+// kDivergenceNames (renio_cpu_math.h), exported as op divergence_names.
+inline std::vector<std::string> divergence_names() {
+  return {std::begin(kDivergenceNames), std::end(kDivergenceNames)};
+}
 
-// Kernels are compiled per (divergence, clip) pair so the inner loops carry no branches on them.
+// Kernels are compiled per (divergence, clip) pair so the inner loops carry no branches on them:
+// Table<kMode, kClip>::run for every mode of DivergenceMode, picked by the mode argument.
+template <typename Fn, template <int, bool> class Table, int... kModes>
+Fn pick_from(int64_t mode, bool clip, std::integer_sequence<int, kModes...>) {
+  static const Fn table[][2] = {{Table<kModes, false>::run, Table<kModes, true>::run}...};
+  TORCH_CHECK(mode >= 0 && mode < kNumDivergences, "renio cpu: divergence mode ", mode,
+              " not implemented");
+  return table[mode][clip ? 1 : 0];
+}
+
 template <typename Fn, template <int, bool> class Table>
 Fn pick(int64_t mode, bool clip) {
-  static const Fn table[][2] = {
-      {Table<kForwardKL, false>::run, Table<kForwardKL, true>::run},
-      {Table<kReverseKL, false>::run, Table<kReverseKL, true>::run},
-      {Table<kJSD, false>::run, Table<kJSD, true>::run},
-  };
-  constexpr int64_t kModes = sizeof(table) / sizeof(table[0]);
-  TORCH_CHECK(mode >= 0 && mode < kModes, "renio cpu: divergence mode ", mode, " not implemented");
-  return table[mode][clip ? 1 : 0];
+  return pick_from<Fn, Table>(mode, clip, std::make_integer_sequence<int, kNumDivergences>{});
 }
 
 inline bool float_input(const at::Tensor& x) {

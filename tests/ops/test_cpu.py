@@ -5,11 +5,13 @@ The first test to need the extension builds it (about 20-60 s on 2 cores, then c
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import threading
 import time
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -18,10 +20,56 @@ import renio_kernels
 from renio_kernels import reference
 from renio_kernels.ops import backends
 from renio_kernels.ops.cpu import native as cpu
+from renio_kernels.ops.divergences import DIVERGENCES
 from renio_kernels.ops.rows import DenseTeacher, DivergenceParams
 from tests.helpers import GRAD_RTOL, LOSS_RTOL, make_inputs, ref_loss_and_grad, rel_err
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def divergence_cases(jsd_beta: float = 0.5) -> list:
+    """One ``(divergence, beta)`` per registry entry: the beta it is selected by (``jsd_beta``
+    inside the JSD's interval; 0.0, unused, for a divergence chosen by name only)."""
+    cases = []
+    for spec in DIVERGENCES.values():
+        if isinstance(spec.beta, tuple):
+            assert spec.beta[0] < jsd_beta < spec.beta[1]
+            beta = jsd_beta
+        else:
+            beta = 0.0 if spec.beta is None else spec.beta
+        cases.append(pytest.param(spec.name, beta, id=spec.name))
+    return cases
+
+
+_REFERENCE_TAKES_DIVERGENCE = "divergence" in inspect.signature(reference.renio_loss).parameters
+
+
+def ref_loss_and_grad_for(s, t, labels, grad_scale=1.0, divergence=None, **kw):
+    """``ref_loss_and_grad`` for any divergence of the registry, in float64.
+
+    Until ``reference.renio_loss`` takes ``divergence=``, the ones a beta selects are asked for by
+    their beta, and the TVD by swapping the reference's element terms for
+    ``|ps - pt| / 2`` (torch.abs's gradient is sign(x), 0 at 0: the subgradient the kernels use);
+    everything else (clamp, masking, ReNIO weighting) is the reference's own code.
+    """
+    if divergence is None or _REFERENCE_TAKES_DIVERGENCE:
+        extra = {} if divergence is None else {"divergence": divergence}
+        return ref_loss_and_grad(s, t, labels, grad_scale, **extra, **kw)
+    spec = DIVERGENCES[divergence]
+    if spec.beta is not None:
+        assert spec.selected_by(kw.get("beta", 0.0)), (divergence, kw)
+        return ref_loss_and_grad(s, t, labels, grad_scale, **kw)
+    assert divergence == "tvd", f"no float64 reference for {divergence!r} here"
+    calls = []
+
+    def tvd_terms(ls, lt, beta):
+        calls.append(ls.dtype)
+        return 0.5 * (ls.exp() - lt.exp()).abs()
+
+    with mock.patch.object(reference, "divergence_terms", tvd_terms):
+        out = ref_loss_and_grad(s, t, labels, grad_scale, **kw)
+    assert calls == [torch.float64], calls  # the reference did use the TVD terms
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -46,26 +94,34 @@ def _run(s, t, labels, grad_scale=1.7, **kw):
 
 def _check(s, t, labels, dtype=torch.float32, **kw):
     loss, grad = _run(s, t, labels, **kw)
-    ref, ref_grad = ref_loss_and_grad(s, t, labels, grad_scale=1.7, **kw)
+    ref, ref_grad = ref_loss_and_grad_for(s, t, labels, grad_scale=1.7, **kw)
     assert grad.dtype == s.dtype
     assert abs(loss.item() - ref.item()) <= LOSS_RTOL[dtype] * abs(ref.item()) + 1e-7, (loss, ref)
     assert rel_err(grad, ref_grad) <= GRAD_RTOL[dtype]
     return loss, grad
 
 
+def test_declares_every_divergence():
+    # Python maps a name to the C++ mode by its index in this list; the kernels implement all.
+    assert set(cpu.divergences()) == set(DIVERGENCES)
+    assert backends.resolve_backend("auto", torch.device("cpu"), "tvd").name == "cpu"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("token_clip", [None, 0.05])
-def test_parity_options(dtype, beta, token_clip):
+@pytest.mark.parametrize(("divergence", "beta"), divergence_cases())
+@pytest.mark.parametrize("token_clip", [None, 0.05, 0.002])
+def test_parity_options(dtype, divergence, beta, token_clip):
+    # 0.05 clamps a few JSD/KL terms, 0.002 about a third of the TVD's (one per row at least).
     s, t, labels = make_inputs(3, 6, 123, dtype=dtype, seed=1)
-    _check(s, t, labels, dtype, beta=beta, token_clip=token_clip, temperature=1.3)
+    kw = dict(divergence=divergence, beta=beta, token_clip=token_clip, temperature=1.3)
+    _check(s, t, labels, dtype, **kw)
 
 
 @pytest.mark.parametrize("vocab", [1, 5, 31, 123, 1271])
-@pytest.mark.parametrize("beta", [0.0, 0.3])
-def test_odd_vocab_and_padded_teacher(vocab, beta):
+@pytest.mark.parametrize(("divergence", "beta"), divergence_cases(jsd_beta=0.3))
+def test_odd_vocab_and_padded_teacher(vocab, divergence, beta):
     s, t, labels = make_inputs(2, 5, vocab, teacher_vocab=vocab + 17, seed=vocab)
-    _check(s, t, labels, beta=beta, token_clip=0.05)
+    _check(s, t, labels, divergence=divergence, beta=beta, token_clip=0.05)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -140,15 +196,15 @@ def test_thread_count_independence():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_inf_logits_where_the_weighting_probability_is_zero(beta):
+@pytest.mark.parametrize(("divergence", "beta"), divergence_cases())
+def test_inf_logits_where_the_weighting_probability_is_zero(divergence, beta):
     s, t, labels = make_inputs(2, 4, 40, seed=9)
     s[0, 2, 3] = t[0, 2, 3] = float("-inf")  # both -inf at one column
-    if beta < 1.0:
+    if divergence != "reverse_kl":  # (the reverse KL of a student mass where pt = 0 is inf)
         t[0, 1, :5] = float("-inf")  # teacher prob 0: its terms are 0, never 0 * -inf
-    if beta > 0.0:
+    if divergence != "forward_kl":
         s[1, 1, 7] = float("-inf")  # student prob 0: likewise
-    loss, grad = _check(s, t, labels, beta=beta)
+    loss, grad = _check(s, t, labels, divergence=divergence, beta=beta)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
@@ -178,6 +234,19 @@ def test_shift_invariance_and_identical_inputs():
     assert abs(ours.item() - ref.item()) <= 2 * abs(theirs.item() - ref.item()) + 1e-6
     same, _ = _run(s, s, labels, beta=0.5)
     assert -1e-6 <= same.item() <= 1e-6
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_tvd_at_exact_ties(grad_in_forward):
+    # ps == pt bit for bit at every column: e = 0 and the subgradient sign(0) = 0, so the loss and
+    # the gradient are exactly 0 (with the clip on too: e = 0 is inside [0, clip]).
+    s, _, labels = make_inputs(2, 4, 2100, seed=14)
+    padded = torch.cat([s, torch.randn(2, 4, 9)], dim=-1)
+    with renio_kernels.config.cpu_grad_in_forward(grad_in_forward):
+        for token_clip in (None, 0.002):
+            loss, grad = _run(s, padded, labels, divergence="tvd", token_clip=token_clip)
+            assert loss.item() == 0.0
+            assert torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_out_of_range_label_unchecked_gives_nan():

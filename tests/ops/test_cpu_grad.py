@@ -21,6 +21,7 @@ from renio_kernels.ops.backends import resolve_backend
 from renio_kernels.ops.cpu import native as cpu
 from renio_kernels.ops.rows import DenseTeacher, DivergenceParams
 from tests.helpers import GRAD_RTOL, LOSS_RTOL, make_inputs, ref_loss_and_grad, rel_err
+from tests.ops.test_cpu import divergence_cases, ref_loss_and_grad_for
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -46,21 +47,21 @@ def _loss_and_grad(s, t, labels, grad_scale=1.7, **kw):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("token_clip", [None, 0.05])
-def test_recompute_path_matches_reference(recompute, dtype, beta, token_clip):
+@pytest.mark.parametrize(("divergence", "beta"), divergence_cases())
+@pytest.mark.parametrize("token_clip", [None, 0.05, 0.002])
+def test_recompute_path_matches_reference(recompute, dtype, divergence, beta, token_clip):
     s, t, labels = make_inputs(3, 6, 2100, teacher_vocab=2111, dtype=dtype, seed=1)
-    kw = dict(beta=beta, token_clip=token_clip, temperature=1.3)
+    kw = dict(divergence=divergence, beta=beta, token_clip=token_clip, temperature=1.3)
     loss, grad = _loss_and_grad(s, t, labels, **kw)
-    ref, ref_grad = ref_loss_and_grad(s, t, labels, grad_scale=1.7, **kw)
+    ref, ref_grad = ref_loss_and_grad_for(s, t, labels, grad_scale=1.7, **kw)
     assert abs(loss.item() - ref.item()) <= LOSS_RTOL[dtype] * abs(ref.item()) + 1e-7
     assert rel_err(grad, ref_grad) <= GRAD_RTOL[dtype]
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_both_paths_agree(beta):
+@pytest.mark.parametrize(("divergence", "beta"), divergence_cases())
+def test_both_paths_agree(divergence, beta):
     s, t, labels = make_inputs(4, 5, 4100, seed=2)
-    kw = dict(beta=beta, token_clip=0.05, temperature=0.8)
+    kw = dict(divergence=divergence, beta=beta, token_clip=0.05, temperature=0.8)
     loss_fwd, grad_fwd = _loss_and_grad(s, t, labels, **kw)
     with config.cpu_grad_in_forward(False):
         loss_bwd, grad_bwd = _loss_and_grad(s, t, labels, **kw)
@@ -189,9 +190,10 @@ def test_cache_off(fresh_cache):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fwd_grad_launcher(dtype):
+@pytest.mark.parametrize(("divergence", "beta"), divergence_cases())
+def test_fwd_grad_launcher(dtype, divergence, beta):
     s, t, labels = make_inputs(3, 5, 70, ignore="row", dtype=dtype, seed=8)
-    params = DivergenceParams(beta=0.5, token_clip=0.05)
+    params = DivergenceParams(beta=beta, divergence=divergence, token_clip=0.05)
     stats, unit = cpu.renio_fwd_grad_cpu(s, DenseTeacher(t), labels, params)
     ref_stats = cpu.renio_fwd_cpu(s, DenseTeacher(t), labels, params)
     for x, y in zip(stats, ref_stats, strict=True):
@@ -251,3 +253,64 @@ def test_the_deprecated_module_switch_still_works(monkeypatch):
     with pytest.warns(DeprecationWarning, match="cpu_grad_in_forward"):
         _, grad_legacy = _loss_and_grad(s, t, labels, token_clip=0.05)
     assert torch.equal(grad_legacy, grad_recompute)
+
+
+def _tvd_rows_float64(s, t, labels, grad_d, temperature, token_clip):
+    """Per-row TVD ``d`` and the gradient of ``sum(grad_d * d)`` in float64 (autograd; abs has
+    gradient sign(x), 0 at 0, and clamp passes it on [0, clip] inclusive, as the kernels)."""
+    s64 = s.detach().double().requires_grad_()
+    vocab = s.shape[-1]
+    ls = torch.log_softmax(s64 / temperature, dim=-1)
+    lt = torch.log_softmax(t[..., :vocab].double() / temperature, dim=-1)
+    e = 0.5 * (ls.exp() - lt.exp()).abs()
+    if token_clip is not None:
+        clamped = e > token_clip
+        assert clamped.any() and not clamped.all()  # the clip gates some columns, not all
+        e = e.clamp(0.0, token_clip)
+    d = torch.where(labels != -100, e.sum(-1), torch.zeros((), dtype=e.dtype))
+    (grad_d.double() * d).sum().backward()
+    return d.detach(), s64.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_clip", [None, 0.002])
+@pytest.mark.parametrize("vocab", [5, 2100, 4100])
+@pytest.mark.parametrize("path", ["grad_in_forward", "recompute"])
+def test_tvd_rows_match_float64(dtype, token_clip, vocab, path):
+    # Per row, so no ReNIO weighting can hide a row: d and the gradient through d with a random
+    # per-row grad_d (the scale the backward brings), on 5 columns (less than one vector), 2100
+    # (a tile and a partial one) and 4100 (two tiles and 4 columns), a padded teacher, a fully
+    # ignored row and a clip that is active on some of each row's columns.
+    s, t, labels = make_inputs(3, 4, vocab, teacher_vocab=vocab + 9, dtype=dtype, seed=vocab)
+    labels[1] = -100
+    grad_d = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
+    params = DivergenceParams(divergence="tvd", temperature=0.9, token_clip=token_clip)
+    if path == "grad_in_forward":
+        stats, grad = cpu.renio_fwd_grad_cpu(s, DenseTeacher(t), labels, params)
+        cpu.renio_scale_grad_cpu(grad, grad_d, labels, -100)
+    else:
+        stats = cpu.renio_fwd_cpu(s, DenseTeacher(t), labels, params)
+        grad = cpu.renio_bwd_cpu(s, DenseTeacher(t), labels, params, stats, grad_d, None)
+    ref_d, ref_grad = _tvd_rows_float64(s, t, labels, grad_d, 0.9, token_clip)
+    assert grad.dtype == dtype
+    assert rel_err(stats.d, ref_d) <= LOSS_RTOL[dtype]
+    assert rel_err(grad, ref_grad) <= GRAD_RTOL[dtype]
+    assert torch.equal(grad[1], torch.zeros_like(grad[1])) and (stats.d[1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_clip", [None, 0.002])
+@pytest.mark.parametrize("vocab", [5, 4100])
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_tvd_loss_matches_reference(dtype, token_clip, vocab, grad_in_forward):
+    # The loss end to end: ReNIO weighting, a fully ignored sequence, grad_output = 1.7.
+    s, t, labels = make_inputs(3, 4, vocab, teacher_vocab=vocab + 3, dtype=dtype, seed=3)
+    labels[1] = -100
+    kw = dict(divergence="tvd", token_clip=token_clip, temperature=1.1)
+    with config.cpu_grad_in_forward(grad_in_forward):
+        loss, grad = _loss_and_grad(s, t, labels, **kw)
+    ref, ref_grad = ref_loss_and_grad_for(s, t, labels, grad_scale=1.7, **kw)
+    assert grad.dtype == dtype
+    assert abs(loss.item() - ref.item()) <= LOSS_RTOL[dtype] * abs(ref.item()) + 1e-7
+    assert rel_err(grad, ref_grad) <= GRAD_RTOL[dtype]
+    assert torch.equal(grad[1], torch.zeros_like(grad[1]))

@@ -1,9 +1,12 @@
 """Native CPU row kernels (``csrc/``): JIT build, cache, and the row-kernel launchers.
 
-Same contract and math as ``triton_fwd``/``triton_bwd`` and ``torch_chunked``: ``renio_fwd_cpu``
-returns ``RowStats``, ``renio_bwd_cpu`` the student gradient in the student's dtype. The C++
-kernels take one ``(b, t)`` row per task over ``torch.get_num_threads()`` threads, read each row in
-L1-sized fp32 tiles and write every output element themselves (see ``csrc/renio_cpu.cpp``).
+Same contract and math as ``ops.triton`` (``fwd``/``bwd``) and ``ops.torch.chunked``:
+``renio_fwd_cpu`` returns ``RowStats``, ``renio_bwd_cpu`` the student gradient in the student's
+dtype. The C++ kernels take one ``(b, t)`` row per task over ``torch.get_num_threads()`` threads,
+read each row in L1-sized fp32 tiles and write every output element themselves (see
+``csrc/renio_cpu.cpp``). They implement the divergences the built extension declares
+(``divergences()``, listed in ``csrc/renio_cpu_math.h``); a divergence's C++ mode is its index in
+that list.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja, OpenMP,
 ``-O3`` plus the vector ISA torch itself dispatches to here: AVX-512, AVX2 or none). The build
@@ -28,6 +31,8 @@ from ..rows import DenseTeacher, DivergenceParams, RowStats
 __all__ = [
     "load_extension",
     "extension_error",
+    "loaded",
+    "divergences",
     "renio_fwd_cpu",
     "renio_bwd_cpu",
     "renio_fwd_grad_cpu",
@@ -36,6 +41,7 @@ __all__ = [
     "empty_grad_cache",
     "set_grad_cache",
     "build_flags",
+    "wait_for_build_lock",
 ]
 
 # A source checkout (or editable install) compiles the repository's csrc/; a built wheel carries a
@@ -120,17 +126,16 @@ def wait_for_build_lock(build_dir: Path, stale_after_s: float = STALE_LOCK_S) ->
 
 def _build(verbose: bool = False) -> str:
     """Compile (or reuse) the extension and register its ops; returns the library path."""
-    from torch.utils import cpp_extension  # noqa: PLC0415 (slow import, only when needed)
+    from torch.utils import cpp_extension  # a slow import: only when building
 
     flags = build_flags()
     name = _build_name(flags)
     build_dir = getattr(cpp_extension, "_get_build_directory", None)  # private: may go away
     if build_dir is not None:
         wait_for_build_lock(Path(build_dir(name, verbose)))
-    load = cpp_extension.load
-    return load(
+    return cpp_extension.load(
         name=name,
-        sources=[str(CSRC / name) for name in SOURCES],
+        sources=[str(CSRC / source) for source in SOURCES],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
