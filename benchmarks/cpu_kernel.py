@@ -1,4 +1,4 @@
-"""Issue 4's figures for the native CPU kernel: speed vs the reference, vs the machine's floor,
+"""Figures for the native CPU kernel: speed vs the reference, vs the machine's floor,
 and extra peak memory, for forward+backward of ``renio_loss(..., backend="cpu")``.
 
     python benchmarks/cpu_kernel.py           # 2 rounds -> benchmarks/results/cpu_kernel.md
@@ -10,12 +10,12 @@ of our forward+backward in three settings, of ``renio_kernels.reference.renio_lo
 trainer's eager math, in the inputs' dtype), and peak extra memory. Our settings:
 
 * ``ours``: the defaults. The gradient through ``d`` is formed at unit scale in the forward and
-  scaled in the backward (``config.CPU_GRAD_IN_FORWARD``), and gradients come from the
+  scaled in the backward (``config.cpu_grad_in_forward``), and gradients come from the
   gradient-buffer cache (``renio_kernels.cpu_cache``): in a loop, the previous call's buffer.
 * ``no cache``: the same with the cache off, so every gradient is a fresh mmap whose pages fault
   on first touch (what a process's first call pays).
-* ``recompute``: the recompute-in-backward kernels (``CPU_GRAD_IN_FORWARD = False``, cache on),
-  the design before the gradient moved to the forward, as a same-run baseline.
+* ``recompute``: the recompute-in-backward kernels (``config.cpu_grad_in_forward(False)``, cache
+  on), the design before the gradient moved to the forward, as a same-run baseline.
 
 Memory is measured with the cache emptied first, so the gradient's allocation is counted;
 ``held`` is what the cache keeps between calls (the last gradient's buffer). Labels are all valid
@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 import renio_kernels  # noqa: E402
 from benchmarks import exp_probe  # noqa: E402
 from benchmarks.memory import peak_extra_bytes  # noqa: E402
+from benchmarks.runner import cpu_model  # noqa: E402
 from renio_kernels import config, reference  # noqa: E402
 from renio_kernels.ops.cpu import native as cpu  # noqa: E402
 
@@ -276,11 +277,8 @@ def bench_config(c: Config, repeats: int, ref_repeats: int) -> dict:
         cold_wall, _ = timed(ours, repeats)
     finally:
         renio_kernels.set_cpu_grad_cache(True)
-    config.CPU_GRAD_IN_FORWARD = False
-    try:
+    with config.cpu_grad_in_forward(False):
         recompute_wall, _ = timed(ours, repeats)
-    finally:
-        config.CPU_GRAD_IN_FORWARD = True
     # Memory from an empty cache, so the gradient's allocation counts. The gradient stays alive
     # until the sampler's last look (a short run can fall between two RSS samples on a loaded
     # machine); the figure is the gradient plus whatever else peaked.
@@ -348,16 +346,8 @@ def commit() -> str:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return (
-        f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
         f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, "
         f"Python {platform.python_version()}"
     )

@@ -2,7 +2,7 @@
 // triton/bwd.py (and ops/torch/chunked.py), for CPU tensors, one row per task. An eager
 // renio_loss(...).backward() uses renio_cpu_grad.cpp instead (the gradient formed in the forward);
 // these serve no_grad forwards, sampled_reverse_kl_loss, a second backward, losses with a
-// gradient through ls[x], the torch.compile custom op, and config.CPU_GRAD_IN_FORWARD = False.
+// gradient through ls[x], and renio_kernels.config.cpu_grad_in_forward(False).
 //
 // Forward, per (b, t) row, a = student / tau and b = teacher[:, :Vs] / tau:
 //   sweep 1: lse_s = logsumexp(a), lse_t = logsumexp(b)   online, per tile: max, then one exp

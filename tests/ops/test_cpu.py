@@ -5,13 +5,11 @@ The first test to need the extension builds it (about 20-60 s on 2 cores, then c
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import threading
 import time
 import warnings
-from unittest import mock
 
 import pytest
 import torch
@@ -41,35 +39,9 @@ def divergence_cases(jsd_beta: float = 0.5) -> list:
     return cases
 
 
-_REFERENCE_TAKES_DIVERGENCE = "divergence" in inspect.signature(reference.renio_loss).parameters
-
-
 def ref_loss_and_grad_for(s, t, labels, grad_scale=1.0, divergence=None, **kw):
-    """``ref_loss_and_grad`` for any divergence of the registry, in float64.
-
-    Until ``reference.renio_loss`` takes ``divergence=``, the ones a beta selects are asked for by
-    their beta, and the TVD by swapping the reference's element terms for
-    ``|ps - pt| / 2`` (torch.abs's gradient is sign(x), 0 at 0: the subgradient the kernels use);
-    everything else (clamp, masking, ReNIO weighting) is the reference's own code.
-    """
-    if divergence is None or _REFERENCE_TAKES_DIVERGENCE:
-        extra = {} if divergence is None else {"divergence": divergence}
-        return ref_loss_and_grad(s, t, labels, grad_scale, **extra, **kw)
-    spec = DIVERGENCES[divergence]
-    if spec.beta is not None:
-        assert spec.selected_by(kw.get("beta", 0.0)), (divergence, kw)
-        return ref_loss_and_grad(s, t, labels, grad_scale, **kw)
-    assert divergence == "tvd", f"no float64 reference for {divergence!r} here"
-    calls = []
-
-    def tvd_terms(ls, lt, beta):
-        calls.append(ls.dtype)
-        return 0.5 * (ls.exp() - lt.exp()).abs()
-
-    with mock.patch.object(reference, "divergence_terms", tvd_terms):
-        out = ref_loss_and_grad(s, t, labels, grad_scale, **kw)
-    assert calls == [torch.float64], calls  # the reference did use the TVD terms
-    return out
+    """``ref_loss_and_grad`` for any divergence of the registry, in float64."""
+    return ref_loss_and_grad(s, t, labels, grad_scale, divergence=divergence, **kw)
 
 
 @pytest.fixture(autouse=True)
