@@ -49,3 +49,34 @@ def test_ema_state_must_be_a_float_scalar_tensor(state, match):
     s, t, labels = make_inputs()
     with pytest.raises(ValueError, match=match):
         rk.renio_loss(s, t, labels, weight_norm="ema", ema_state=state)
+
+
+def _bad(kind: str, x: torch.Tensor) -> torch.Tensor:
+    if kind == "sparse":
+        return x.to_sparse()
+    return torch.nested.nested_tensor(list(x.unbind(0)))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "nested"])
+@pytest.mark.parametrize("arg", [0, 1, 2])
+def test_sparse_and_nested_inputs_name_the_argument(kind, arg):
+    inputs = list(make_inputs())
+    name = ("student_logits", "teacher_logits", "labels")[arg]
+    inputs[arg] = _bad(kind, inputs[arg])
+    match = f"{name} is a nested tensor" if kind == "nested" else f"{name} is a torch.sparse_coo"
+    with pytest.raises(ValueError, match=match):
+        rk.renio_loss(*inputs)
+
+
+def test_meta_labels_with_check_labels_say_how_to_skip_the_check():
+    s, t, labels = (x.to("meta") for x in make_inputs())
+    with pytest.raises(ValueError, match="labels is on the meta device.*check_labels=False"):
+        rk.renio_loss(s, t, labels)
+
+
+def test_fused_linear_bad_weights_and_hidden_sizes():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = make_linear()
+    with pytest.raises(ValueError, match="student_weight is a torch.sparse_coo tensor"):
+        rk.fused_linear_renio_loss(h_s, w_s.to_sparse(), h_t, w_t, labels)
+    with pytest.raises(ValueError, match="student_hidden has hidden size 0"):
+        rk.fused_linear_renio_loss(h_s[..., :0], w_s[:, :0], h_t, w_t, labels)

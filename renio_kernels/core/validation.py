@@ -22,8 +22,16 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 
 
 def _tensor(name: str, x) -> torch.Tensor:
+    """A dense, strided tensor (the kernels index memory directly), or a ValueError."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise ValueError(
+            f"{name} is a nested tensor; pad the sequences to one length (B, T, ...) and mark "
+            "the padding with ignore_index in labels"
+        )
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} is a {x.layout} tensor; pass a dense one ({name}.to_dense())")
     return x
 
 
@@ -105,6 +113,11 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -
     This reads one boolean back from the device (a sync on CUDA); pass ``check_labels=False``
     to skip it, in which case out-of-range labels turn their row's outputs into NaN.
     """
+    if labels.is_meta:
+        raise ValueError(
+            "labels is on the meta device, so there are no values to check: pass "
+            "check_labels=False (e.g. to trace shapes)"
+        )
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         first = labels[bad][0].item()
@@ -151,8 +164,7 @@ def _check_side(side: str, hidden, weight, bias, batch_seq: tuple[int, int] | No
     for name, x in zip(names, (hidden, weight, bias), strict=True):
         if x is None and name.endswith("bias"):
             continue
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        _tensor(name, x)
         check_float(name, x)
         if _is_dtensor(x):
             # An FSDP2 / tensor-parallel shard would silently score a slice of the vocabulary.
@@ -172,6 +184,8 @@ def _check_side(side: str, hidden, weight, bias, batch_seq: tuple[int, int] | No
             f"{tuple(hidden.shape[:2])}; both must score the same positions"
         )
     width = hidden.shape[2]
+    if width == 0:
+        raise ValueError(f"{names[0]} has hidden size 0; pass the model's last hidden states")
     if weight.dim() != 2 or weight.shape[1] != width:
         raise ValueError(
             f"{names[1]} must be (V, H) with H = {width} (the last dim of {names[0]}), got "
