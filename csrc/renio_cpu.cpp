@@ -6,7 +6,8 @@
 //
 // Forward, per (b, t) row, a = student / tau and b = teacher[:, :Vs] / tau:
 //   sweep 1: lse_s = logsumexp(a), lse_t = logsumexp(b)   online, per tile: max, then one exp
-//            per element; ls[x] = a[x] - lse_s, lt[x] = b[x] - lse_t (two scalar loads)
+//            per element; ls[x] = a[x] - lse_s, lt[x] = b[x] - lse_t (two scalar loads), each
+//            formed against the row's anchor (row_anchor in renio_cpu_rows.h)
 //   sweep 2: d = sum_v clamp(e_v), C = sum_v c_v          (only when the divergence is asked)
 // Backward, one sweep per row, writing the gradient in the student's dtype:
 //   grad_j = ( gd * (c_j - ps_j * C) + gx * ([j == x] - ps_j) ) / tau
@@ -64,16 +65,17 @@ void fwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
              float* a, float* b) {
   OnlineLse lse_s, lse_t;
   row_logsumexps(s, s_type, t, t_type, vocab, p.inv_tau, a, b, lse_s, lse_t);
-  out.lse_s = lse_s.lse();
-  out.lse_t = lse_t.lse();
+  const float an_s = row_anchor(s, s_type, p.inv_tau), an_t = row_anchor(t, t_type, p.inv_tau);
+  out.lse_s = lse_s.lse(an_s);
+  out.lse_t = lse_t.lse(an_t);
   // An out-of-range label (only possible with check_labels=False) poisons the row.
   const bool ok = label >= 0 && label < vocab;
-  out.ls_x = (ok ? load_scalar(s, s_type, label) : kNaN) * p.inv_tau - out.lse_s;
-  out.lt_x = (ok ? load_scalar(t, t_type, label) : kNaN) * p.inv_tau - out.lse_t;
+  out.ls_x = ((ok ? load_scalar(s, s_type, label) : kNaN) * p.inv_tau - an_s) - out.lse_s;
+  out.lt_x = ((ok ? load_scalar(t, t_type, label) : kNaN) * p.inv_tau - an_t) - out.lse_t;
   if (!with_divergence) return;
 
   // Sweep 2 re-reads the row from L2. Padded lanes hold -inf, so their terms are exactly 0.
-  const Vec vlse_s(out.lse_s), vlse_t(out.lse_t);
+  const Vec vlse_s(out.lse_s), vlse_t(out.lse_t), van_s(an_s), van_t(an_t);
   double d = 0.0, c = 0.0;
   Vec e, de, unused_ps;
   for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
@@ -82,8 +84,9 @@ void fwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
     load_tile(tile_ptr(t, t_type, v0), t_type, n, p.inv_tau, b);
     Vec d_acc(0.0f), c_acc(0.0f);
     for (int64_t i = 0; i < padded(n); i += Vec::size()) {
-      divergence_terms<kMode, kClip, false>(Vec::loadu(a + i) - vlse_s, Vec::loadu(b + i) - vlse_t,
-                                            p, e, de, unused_ps);
+      const Vec ls = (Vec::loadu(a + i) - van_s) - vlse_s;
+      const Vec lt = (Vec::loadu(b + i) - van_t) - vlse_t;
+      divergence_terms<kMode, kClip, false>(ls, lt, p, e, de, unused_ps);
       d_acc += e;
       c_acc += de;
     }
@@ -135,6 +138,7 @@ using FwdFn = decltype(&FwdRows<0, false>::run);
 
 struct RowScales {
   float lse_s, lse_t, c, gd, gx;  // gd, gx already divided by tau
+  float an_s, an_t;               // the rows' anchors (row_anchor)
 };
 
 template <int kMode, bool kClip>
@@ -142,6 +146,7 @@ void bwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
              int64_t vocab, int64_t label, const DivParams& p, const RowScales& k, bool has_div,
              bool has_x, void* grad, BwdScratch& sc) {
   const Vec lse_s(k.lse_s), lse_t(k.lse_t), c_sum(k.c), gd(k.gd), gx(k.gx);
+  const Vec an_s(k.an_s), an_t(k.an_t);
   const bool direct = s_type == c10::ScalarType::Float;  // fp32 gradient: no staging tile
   Vec e, de, ps;
   for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
@@ -151,10 +156,11 @@ void bwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
     load_tile(tile_ptr(s, s_type, v0), s_type, n, p.inv_tau, sc.a);
     // Computes lanes [i, i + Vec::size()) and stores the first `count` of them.
     auto lanes = [&](int64_t i, int64_t count) {
-      const Vec ls = Vec::loadu(sc.a + i) - lse_s;
+      const Vec ls = (Vec::loadu(sc.a + i) - an_s) - lse_s;
       Vec gi;
       if (has_div) {
-        divergence_terms<kMode, kClip, true>(ls, Vec::loadu(sc.b + i) - lse_t, p, e, de, ps);
+        const Vec lt = (Vec::loadu(sc.b + i) - an_t) - lse_t;
+        divergence_terms<kMode, kClip, true>(ls, lt, p, e, de, ps);
         gi = gd * at::vec::fnmadd(ps, c_sum, de);
         if (has_x) gi = at::vec::fnmadd(gx, ps, gi);
       } else {
@@ -201,12 +207,17 @@ struct BwdRows {
         std::memset(grad_row, 0, row_bytes);  // +0.0 in fp32, fp16 and bf16
         return;
       }
-      const RowScales k{lse_s_p[row], has_div ? lse_t_p[row] : 0.0f, has_div ? c_p[row] : 0.0f,
+      const void* s_row = row_ptr(student, s_addr(row));
+      const void* t_row = row_ptr(teacher, t_addr(row));
+      const RowScales k{lse_s_p[row],
+                        has_div ? lse_t_p[row] : 0.0f,
+                        has_div ? c_p[row] : 0.0f,
                         has_div ? gd_p[row] * p.inv_tau : 0.0f,
-                        has_x ? gx_p[row] * p.inv_tau : 0.0f};
-      bwd_row<kMode, kClip>(row_ptr(student, s_addr(row)), student.scalar_type(),
-                            row_ptr(teacher, t_addr(row)), teacher.scalar_type(), vocab, label, p,
-                            k, has_div, has_x, grad_row, sc);
+                        has_x ? gx_p[row] * p.inv_tau : 0.0f,
+                        row_anchor(s_row, student.scalar_type(), p.inv_tau),
+                        has_div ? row_anchor(t_row, teacher.scalar_type(), p.inv_tau) : 0.0f};
+      bwd_row<kMode, kClip>(s_row, student.scalar_type(), t_row, teacher.scalar_type(), vocab,
+                            label, p, k, has_div, has_x, grad_row, sc);
     });
   }
 };

@@ -97,8 +97,8 @@ inline void with_tile(const void* row, c10::ScalarType type, int64_t v0, int64_t
 constexpr float kHeadroom = 64.0f;  // 2048 * e^64 is far below FLT_MAX
 
 template <typename T, typename OnTile>
-float exp_sweep(const void* x, c10::ScalarType type, int64_t vocab, float inv_tau, float* ex,
-                float* f, float* stage, const OnTile& on_tile) {
+float exp_sweep(const void* x, c10::ScalarType type, int64_t vocab, float inv_tau, float anchor,
+                float* ex, float* f, float* stage, const OnTile& on_tile) {
   OnlineLse lse;
   const int64_t step = Vec::size() * static_cast<int64_t>(c10::elementSize(type));
   for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
@@ -146,7 +146,7 @@ float exp_sweep(const void* x, c10::ScalarType type, int64_t vocab, float inv_ta
   for (int64_t k = 0; k < tiles(vocab); ++k) {
     f[k] = static_cast<float>(std::exp(static_cast<double>(f[k]) - m_final) / lse.z);
   }
-  return lse.lse();
+  return lse.lse(anchor);
 }
 
 // Stores the first `count` lanes of v at p; whole vectors at 64-byte aligned addresses bypass the
@@ -212,19 +212,21 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
   auto pending_tile = [&](int64_t k) {
     if (sc.prev.grad != nullptr) write_u_tile(sc.prev, k, vocab, s_type, p.inv_tau, sc.g);
   };
-  out.lse_s = exp_sweep<T>(s, s_type, vocab, p.inv_tau, es, r.fs.data(), sc.a, pending_tile);
+  const float an_s = row_anchor(s, s_type, p.inv_tau), an_t = row_anchor(t, t_type, p.inv_tau);
+  out.lse_s = exp_sweep<T>(s, s_type, vocab, p.inv_tau, an_s, es, r.fs.data(), sc.a, pending_tile);
   if (sc.prev.grad != nullptr) {
     store_fence();
     sc.prev.grad = nullptr;
   }
-  out.lse_t = exp_sweep<T>(t, t_type, vocab, p.inv_tau, et, r.ft.data(), sc.b, [](int64_t) {});
+  out.lse_t =
+      exp_sweep<T>(t, t_type, vocab, p.inv_tau, an_t, et, r.ft.data(), sc.b, [](int64_t) {});
   // An out-of-range label (only possible with check_labels=False) poisons the row.
   const bool ok = label >= 0 && label < vocab;
-  out.ls_x = (ok ? load_scalar(s, s_type, label) : kNaN) * p.inv_tau - out.lse_s;
-  out.lt_x = (ok ? load_scalar(t, t_type, label) : kNaN) * p.inv_tau - out.lse_t;
+  out.ls_x = ((ok ? load_scalar(s, s_type, label) : kNaN) * p.inv_tau - an_s) - out.lse_s;
+  out.lt_x = ((ok ? load_scalar(t, t_type, label) : kNaN) * p.inv_tau - an_t) - out.lse_t;
 
   // Sweep 2. Padded lanes hold -inf logits and 0 exps, so their terms are exactly 0.
-  const Vec vlse_s(out.lse_s), vlse_t(out.lse_t);
+  const Vec vlse_s(out.lse_s), vlse_t(out.lse_t), van_s(an_s), van_t(an_t);
   double d = 0.0, c = 0.0;
   Vec e, de;
   for (int64_t v0 = 0, k = 0; v0 < vocab; v0 += kTile, ++k) {
@@ -237,8 +239,8 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
         for (int64_t i = 0; i < padded(n); i += Vec::size()) {
           const Vec ps = Vec::loadu(es + v0 + i) * fs;
           const Vec pt = Vec::loadu(et + v0 + i) * ft;
-          const Vec ls = at::vec::fmsub(a[i], scale_a, vlse_s);
-          const Vec lt = at::vec::fmsub(b[i], scale_b, vlse_t);
+          const Vec ls = at::vec::fmsub(a[i], scale_a, van_s) - vlse_s;
+          const Vec lt = at::vec::fmsub(b[i], scale_b, van_t) - vlse_t;
           divergence_from_probs<kMode, kClip>(ls, lt, ps, pt, p, e, de);
           d_acc += e;
           c_acc += de;

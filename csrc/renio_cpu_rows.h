@@ -57,7 +57,8 @@ struct OnlineLse {
   // A running max that is still -inf (an all -inf prefix) is replaced by 0, so exp(-inf - -inf)
   // never makes a NaN; a NaN logit is invisible to the max but makes its exp, hence z, NaN.
   static float safe(float m) { return m == kNegInf ? 0.0f : m; }
-  float lse() const { return safe(m) + static_cast<float>(std::log(z)); }
+  // The log-sum-exp minus the row's anchor (row_anchor): the stat every kernel stores.
+  float lse(float anchor) const { return (safe(m) - anchor) + static_cast<float>(std::log(z)); }
   // Folds in one tile whose max is tile_max; returns the (safe) max the tile's exps are taken
   // against. The caller adds that tile's sum of exp(x - returned max) with add().
   float advance(float tile_max) {
@@ -69,6 +70,16 @@ struct OnlineLse {
   }
   void add(float tile_sum) { z += tile_sum; }
 };
+
+// A row's log-probabilities are formed as (x - anchor) - lse, with anchor the row's first logit
+// (divided by tau) when finite, else 0, and lse the log-sum-exp minus the anchor: x - anchor is
+// exact for logits that share a large constant, and lse is small, so the digits survive any shift
+// of the logits (x - (max + log z) would round max + log z at the constant's scale). The backward
+// recomputes the same anchor from the row.
+inline float row_anchor(const void* row, c10::ScalarType type, float inv_tau) {
+  const float a = load_scalar(row, type, 0) * inv_tau;
+  return a - a == 0.0f ? a : 0.0f;  // inf and NaN give 0
+}
 
 // Per-row forward results, in the order of the (6, B, T) stats output; ignored rows keep zeros.
 struct RowOut {

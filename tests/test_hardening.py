@@ -80,3 +80,37 @@ def test_fused_linear_bad_weights_and_hidden_sizes():
         rk.fused_linear_renio_loss(h_s, w_s.to_sparse(), h_t, w_t, labels)
     with pytest.raises(ValueError, match="student_hidden has hidden size 0"):
         rk.fused_linear_renio_loss(h_s[..., :0], w_s[:, :0], h_t, w_t, labels)
+
+
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("offset", [1e5, -3e4])
+def test_a_constant_on_the_logits_costs_no_digits(backend, beta, offset):
+    """Softmax is shift-invariant; the kernels' log-probabilities are too, to fp32 rounding of
+    the shifted values (they are formed as ``(x - anchor) - lse``, not ``x - (max + log z)``)."""
+    from tests.helpers import LOSS_RTOL, ref_loss_and_grad, rel_err
+
+    s, t, labels = make_inputs(batch=3, seq=5, vocab=300, device=DEVICE, seed=1)
+    s, t = s + offset, t + offset  # exactly representable shifts of the fp32 inputs
+    kw = dict(beta=beta, threshold=0.1, token_clip=0.05)
+    ref, ref_grad = ref_loss_and_grad(s, t, labels, grad_scale=1.7, **kw)
+    x = s.clone().requires_grad_()
+    (1.7 * rk.renio_loss(x, t, labels, backend=backend, **kw)).backward()
+    loss = rk.renio_loss(s, t, labels, backend=backend, **kw)
+    assert rel_err(loss, ref) <= LOSS_RTOL[torch.float32]
+    assert rel_err(x.grad, ref_grad) <= 1e-5
+
+
+def test_fused_linear_shift_of_the_logits_through_the_bias():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = make_linear(vocab=300, teacher_vocab=300)
+    b_s, b_t = b_s + 1e5, b_t + 1e5
+    logits_s = (h_s @ w_s.T + b_s).detach()
+    logits_t = h_t @ w_t.T + b_t
+    for use_renio in (True, False):
+        fused = rk.fused_linear_renio_loss(
+            h_s, w_s, h_t, w_t, labels, student_bias=b_s, teacher_bias=b_t, use_renio=use_renio
+        )
+        ref = rk.reference.renio_loss(
+            logits_s.double(), logits_t.double(), labels, use_renio=use_renio
+        )
+        assert abs(fused.item() - ref.item()) <= 1e-5 * abs(ref.item())

@@ -110,7 +110,10 @@ TEACHER_KINDS: dict[str, type] = {DenseTeacher.kind: DenseTeacher}
 class RowStats(NamedTuple):
     """Per-row forward results, each ``(B, T)`` float32, 0 at ignored positions.
 
-    ``lse_s``/``lse_t``: log-sum-exp of ``logits / tau`` (student; teacher's first Vs columns).
+    ``lse_s``/``lse_t``: log-sum-exp of ``logits / tau`` (student; teacher's first Vs columns)
+    minus the row's anchor, its first column's ``logit / tau`` (0 when that is not finite). Every
+    backend forms log-probabilities as ``(logit / tau - anchor) - lse``, recomputing the anchor
+    from the row, so a constant added to all logits costs no digits.
     ``ls_x``/``lt_x``: log-probabilities of the sampled token. ``d``: divergence
     ``sum_v clamp(e_v)``. ``c``: ``C = sum_v c_v`` for the backward pass (None when not needed).
     """

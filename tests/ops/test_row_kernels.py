@@ -25,15 +25,16 @@ def poison(monkeypatch):
 
 
 def _ref_rows(s, t, labels, params):
-    """Per-row float64 values straight from the definitions."""
+    """Per-row float64 values straight from the definitions (``lse`` relative to the row's
+    anchor, its first logit / tau: see ``ops.rows.RowStats``)."""
     vocab = s.shape[-1]
     a = s.double() / params.temperature
     b = t[..., :vocab].double() / params.temperature
-    lse_s, lse_t = a.logsumexp(-1), b.logsumexp(-1)
+    lse_s, lse_t = a.logsumexp(-1) - a[..., 0], b.logsumexp(-1) - b[..., 0]
     valid = labels != params.ignore_index
     idx = labels.clamp(min=0).unsqueeze(-1)
-    ls_x = (a.gather(-1, idx).squeeze(-1) - lse_s) * valid
-    lt_x = (b.gather(-1, idx).squeeze(-1) - lse_t) * valid
+    ls_x = (a.gather(-1, idx).squeeze(-1) - a[..., 0] - lse_s) * valid
+    lt_x = (b.gather(-1, idx).squeeze(-1) - b[..., 0] - lse_t) * valid
     return lse_s * valid, lse_t * valid, ls_x, lt_x
 
 

@@ -35,14 +35,25 @@ def row_chunks(
                 yield slice(b, b + 1), slice(t0, min(seq, t0 + rows))
 
 
+def _anchor(x: torch.Tensor) -> torch.Tensor:
+    """The rows' anchors (``triton.math._anchor``): first logit / tau when finite, else 0."""
+    first = x[..., :1]
+    return torch.where(torch.isfinite(first), first, torch.zeros((), device=x.device))
+
+
 def _log_probs(
     logits: torch.Tensor, vocab: int, inv_tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log_softmax(logits[..., :vocab] / tau), logsumexp)`` in fp32, one temporary."""
+    """``(log_softmax(logits[..., :vocab] / tau), lse)`` in fp32, ``lse`` the log-sum-exp minus
+    the rows' anchors; formed as ``(x - anchor) - lse`` so a constant on the logits costs no
+    digits."""
     x = logits[..., :vocab].float() * inv_tau
-    lse = torch.logsumexp(x, dim=-1)
-    # A row that is -inf throughout has lse = -inf; subtracting gives NaN, as documented.
-    return x.sub_(lse.unsqueeze(-1)), lse
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros((), device=x.device), m)
+    anchor = _anchor(x)
+    # A row that is -inf throughout has z = 0 and lse = -inf: NaN log-probabilities, as documented.
+    lse = (m - anchor) + torch.exp(x - m).sum(-1, keepdim=True).log()
+    return x.sub_(anchor).sub_(lse), lse.squeeze(-1)
 
 
 def _terms(ls: torch.Tensor, lt: torch.Tensor, params: DivergenceParams, want_grad: bool):
@@ -134,11 +145,12 @@ def renio_bwd_torch(student, teacher_input, labels, params: DivergenceParams, st
         valid = lab != params.ignore_index
         # ``.float()`` returns the caller's tensor itself for fp32 input: multiply out of place
         # first, then work in place on the fresh copy only.
-        ls = (student[bs, ts].float() * inv_tau).sub_(stats.lse_s[bs, ts].unsqueeze(-1))
+        ls = student[bs, ts].float() * inv_tau
+        ls.sub_(_anchor(ls)).sub_(stats.lse_s[bs, ts].unsqueeze(-1))
         g = torch.zeros_like(ls)
         if grad_d is not None:
             lt = teacher[bs, ts, :vocab].float() * inv_tau
-            lt.sub_(stats.lse_t[bs, ts].unsqueeze(-1))
+            lt.sub_(_anchor(lt)).sub_(stats.lse_t[bs, ts].unsqueeze(-1))
             _, de, ps = _terms(ls, lt, params, want_grad=True)
             del lt
             scale = (grad_d[bs, ts].float() * inv_tau).unsqueeze(-1)

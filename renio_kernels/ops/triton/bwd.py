@@ -22,7 +22,7 @@ import triton.language as tl
 from ... import config
 from ..rows import DivergenceParams, RowStats, check_scales, dense_logits
 from .fwd import _block_v
-from .math import _divergence_terms, _row_pointers
+from .math import _anchor, _divergence_terms, _row_pointers
 
 __all__ = ["renio_bwd"]
 
@@ -79,8 +79,10 @@ def _renio_bwd_kernel(
             tl.store(g_row + offs, zeros, mask=offs < V)
     else:
         lse_s = tl.load(lse_s_ptr + row)
+        an_s = _anchor(s_row, inv_tau)
         if HAS_DIV_GRAD:
             lse_t = tl.load(lse_t_ptr + row)
+            an_t = _anchor(t_row, inv_tau)
             c_sum = tl.load(c_ptr + row)
             gd = tl.load(gd_ptr + row).to(tl.float32) * inv_tau
         if HAS_SAMPLED_GRAD:
@@ -89,13 +91,13 @@ def _renio_bwd_kernel(
             offs = v0 + cols
             in_row = offs < V
             a = tl.load(s_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-            ls = a * inv_tau - lse_s
+            ls = (a * inv_tau - an_s) - lse_s
             g = tl.zeros([BLOCK_V], dtype=tl.float32)
             if HAS_DIV_GRAD:
                 b = tl.load(t_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
                 _, de, ps = _divergence_terms(
                     ls,
-                    b * inv_tau - lse_t,
+                    (b * inv_tau - an_t) - lse_t,
                     beta,
                     log_beta,
                     log_1m_beta,

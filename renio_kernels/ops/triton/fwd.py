@@ -4,6 +4,7 @@ Math (``a = s / tau``, ``b = t / tau`` over the student's ``Vs`` columns):
 
     sweep 1: lse_s = logsumexp(a), lse_t = logsumexp(b)     online, one max + one exp per element
              ls[x] = a[x] - lse_s, lt[x] = b[x] - lse_t        two scalar loads (the sampled token)
+             (each formed against the row's anchor: ``triton.math._anchor``)
     sweep 2: d = sum_v clamp(e_v),  C = sum_v c_v            (e, c: see ``ops.triton.math``)
 
 ``C`` is what the backward pass needs besides the log-sum-exps: ``g_j = (c_j - ps_j C) / tau``
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from ... import config
 from ..rows import DivergenceParams, RowStats, dense_logits
-from .math import _divergence_terms, _row_pointers
+from .math import _anchor, _divergence_terms, _row_pointers
 
 __all__ = ["renio_fwd"]
 
@@ -103,16 +104,18 @@ def _renio_fwd_kernel(
             z_t = z_t * tl.exp(m_t - safe_t) + tl.sum(tl.exp(b - safe_t), axis=0)
             m_s = new_m_s
             m_t = new_m_t
-        lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(z_s)
-        lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(z_t)
+        an_s = _anchor(s_row, inv_tau)
+        an_t = _anchor(t_row, inv_tau)
+        lse_s = (tl.where(m_s == float("-inf"), 0.0, m_s) - an_s) + tl.log(z_s)
+        lse_t = (tl.where(m_t == float("-inf"), 0.0, m_t) - an_t) + tl.log(z_t)
 
         # An out-of-range label (only possible with check_labels=False) poisons the row's
         # outputs, d included, so the loss turns NaN instead of silently dropping the token.
         ok = (label >= 0) & (label < V)
         s_x = tl.load(s_row + label, mask=ok, other=float("nan")).to(tl.float32)
         t_x = tl.load(t_row + label, mask=ok, other=float("nan")).to(tl.float32)
-        ls_x = s_x * inv_tau - lse_s
-        lt_x = t_x * inv_tau - lse_t
+        ls_x = (s_x * inv_tau - an_s) - lse_s
+        lt_x = (t_x * inv_tau - an_t) - lse_t
 
         if WITH_DIVERGENCE:
             d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -123,8 +126,8 @@ def _renio_fwd_kernel(
                 a = tl.load(s_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
                 b = tl.load(t_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
                 e, de, _ = _divergence_terms(
-                    a * inv_tau - lse_s,
-                    b * inv_tau - lse_t,
+                    (a * inv_tau - an_s) - lse_s,
+                    (b * inv_tau - an_t) - lse_t,
                     beta,
                     log_beta,
                     log_1m_beta,

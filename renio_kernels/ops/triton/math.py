@@ -78,6 +78,16 @@ def _divergence_terms(
 
 
 @triton.jit
+def _anchor(row_ptr, inv_tau):
+    """The row's anchor: its first logit / tau when finite, else 0. Log-probabilities are formed
+    as ``(a - anchor) - lse`` with ``lse`` stored relative to the anchor, so they keep their
+    digits when every logit carries a large constant (``a - (max + log z)`` would round
+    ``max + log z`` at the constant's scale)."""
+    a0 = tl.load(row_ptr).to(tl.float32) * inv_tau
+    return tl.where(a0 - a0 == 0.0, a0, 0.0)
+
+
+@triton.jit
 def _row_pointers(row, T, stride_b, stride_t):
     """int64 offset of row ``row`` of a ``(B, T, V)`` view with the given batch/time strides."""
     b = row // T
