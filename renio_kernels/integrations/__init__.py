@@ -5,6 +5,9 @@
 * ``renio_kernels.integrations.trl``: ``ReNIODistillationTrainer`` / ``ReNIODistillationConfig``,
   TRL's on-policy ``DistillationTrainer`` with the ReNIO loss (needs ``pip install
   renio-kernels[trl]``).
+* ``renio_kernels.integrations.run``: the step both share with ``renio-train``
+  (``distillation_loss``: teacher, student, then the fused-linear or logits loss) and the
+  numerical check of whether a model's logits allow the fused-linear path.
 
 Submodules are imported explicitly, so this package never imports TRL by itself.
 """

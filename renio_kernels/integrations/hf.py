@@ -6,19 +6,23 @@ elsewhere), the causal shift, the teacher under ``no_grad``, and then either
 
 * the **fused-linear** path: the final hidden states of both backbones and their ``lm_head``
   weights go to ``renio_kernels.fused_linear_renio_loss``, so the ``(tokens x vocab)`` logits
-  are never stored; used when that function exists and both models' heads are a plain linear
-  map (no ``logit_scale`` / ``final_logit_softcapping`` / ``logits_scaling`` post-processing);
+  are never stored; used when both models' logits are ``lm_head(final hidden state)``, which is
+  checked numerically once per model (``fused_linear_supported``): models that soft-cap or scale
+  their logits fail it;
 * the **logits** path otherwise: both models' logits go to ``renio_kernels.renio_loss``.
 
-Both give ``renio_loss`` on the logits at the completion positions, i.e. SPEC.md's loss.
+Both give ``renio_loss`` on the logits at the completion positions, i.e. SPEC.md's loss. The
+step itself (teacher, student, loss) is ``integrations.run.distillation_loss``, shared with the
+TRL trainer and ``renio-train``.
 
 Gradient accumulation. The ReNIO loss is a mean over sequences whose weights are normalized
 within the batch it is given (``mean_b(e)``), so the helper returns the loss of one micro-batch,
 weights normalized per micro-batch: the semantics of the paper's trainer, where each
 ``per_device_batch`` is one ReNIO batch. The optimizer step must then average the micro-batch
-losses, i.e. the Trainer must divide each by the number of accumulation steps. transformers 5.x
-does that only when ``loss_is_scaled_for_ga`` is False (or when it can prove nothing normalized
-the loss by ``num_items_in_batch``); ``ReNIOTrainerMixin`` sets it. With equal micro-batch sizes
+losses, i.e. the Trainer must divide each by the number of accumulation steps. transformers
+>= 5.19 (where ``Trainer.loss_is_scaled_for_ga`` first exists) does that only when it is False
+(or when it can prove nothing normalized the loss by ``num_items_in_batch``);
+``ReNIOTrainerMixin`` sets it. With equal micro-batch sizes
 and weights that do not depend on the batch (``use_renio=False`` or ``weight_norm="none"``) the
 result equals one large batch exactly; with batch-normalized weights it is, by design, the mean
 of per-micro-batch losses (a token-count normalization via ``num_items_in_batch`` would change
@@ -36,16 +40,13 @@ unsharding) fire. Neither sharded path could be run here (CPU only, no DeepSpeed
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.options import ReNIOOptions
-from ..loss import renio_loss
+from .run import distillation_loss, fused_linear_mismatch, gathered_lm_head
 
 __all__ = [
     "ReNIOTrainerMixin",
@@ -54,15 +55,6 @@ __all__ = [
     "gathered_lm_head",
     "renio_distillation_loss",
 ]
-
-# Config attributes that make a model's logits differ from ``hidden @ lm_head.weight.T + bias``.
-_LOGIT_POSTPROCESSING = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
 
 
 def completion_labels(
@@ -79,14 +71,6 @@ def completion_labels(
     return input_ids[:, 1:].masked_fill(~keep, ignore_index).long()
 
 
-def _fused_loss() -> Callable | None:
-    try:
-        from .. import fused_linear_renio_loss  # noqa: PLC0415
-    except ImportError:
-        return None
-    return fused_linear_renio_loss
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP / FSDP1 / DeepSpeed wrappers (each keeps it as ``.module``)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
@@ -94,74 +78,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _core(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (whose LoRA layers stay in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def fused_linear_supported(model: nn.Module) -> bool:
-    """True when ``model``'s logits are exactly ``lm_head(hidden)`` of its backbone output."""
-    core = _core(_unwrap(model))
-    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear) or getattr(core, "base_model", core) is core:
-        return False
-    config = core.config.get_text_config() if hasattr(core.config, "get_text_config") else None
-    for name in _LOGIT_POSTPROCESSING:
-        value = getattr(config, name, None)
-        if value is not None and value != 1.0:
-            return False
-    return True
-
-
-def _is_zero3_param(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_status") and hasattr(p, "ds_shape")
-
-
-@contextlib.contextmanager
-def gathered_lm_head(weight: torch.Tensor, bias: torch.Tensor | None, *, grad: bool):
-    """Yield ``(weight, bias)`` as full tensors usable after the block, gradients flowing back.
-
-    Plain tensors pass through. DTensors (FSDP2) are gathered with ``full_tensor()``. DeepSpeed
-    ZeRO-3 parameters are gathered for the block and copied (``clone`` keeps the autograd edge to
-    the parameter, whose ZeRO-3 hooks then reduce-scatter the gradient). ``grad=False`` detaches.
-    """
-    params = [p for p in (weight, bias) if p is not None]
-    if any(_is_zero3_param(p) for p in params):
-        import deepspeed  # noqa: PLC0415
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: PLC0415
-
-        # A parameter already AVAILABLE (a tied embedding inside its own module's forward) must
-        # not be gathered again: releasing it on exit would collide with that module's tracking.
-        todo = {id(p): p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE}
-        ctx = deepspeed.zero.GatheredParameters(list(todo.values()), modifier_rank=None)
-        with ctx if todo else contextlib.nullcontext():
-            yield tuple(None if p is None else _keep(p.clone(), grad) for p in (weight, bias))
-        return
-    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    out = []
-    for p in (weight, bias):
-        if p is not None and dtensor is not None and isinstance(p, dtensor):
-            p = p.full_tensor()
-        out.append(None if p is None else _keep(p, grad))
-    yield tuple(out)
-
-
-def _keep(p: torch.Tensor, grad: bool) -> torch.Tensor:
-    return p if grad else p.detach()
-
-
-def _last_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
-    core = _core(model)
-    out = core.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
-
-
-def _logits(model: nn.Module, input_ids, attention_mask, keep: int) -> torch.Tensor:
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "logits_to_keep" in inspect.signature(_core(model).forward).parameters:
-        kwargs["logits_to_keep"] = keep + 1
-    kwargs["use_cache"] = False
-    return model(**kwargs).logits
+    """True when ``model``'s logits are exactly ``lm_head(hidden)`` of its backbone output,
+    checked now on a short probe input (``integrations.run.fused_linear_mismatch``)."""
+    return fused_linear_mismatch(_unwrap(model)) is None
 
 
 def _redirect(wrapper: nn.Module, inner: nn.Module, fn: Callable, *args):
@@ -215,8 +135,9 @@ def renio_distillation_loss(
         attention_mask: ``(B, L)`` or None (all ones).
         completion_mask: ``(B, L)``; nonzero at the completion tokens that get a loss.
         options: every SPEC option (``ReNIOOptions``); default: SPEC defaults.
-        fused_linear: True forces the fused-linear path (ValueError if unavailable), False the
-            logits path, None picks fused when available and exact (see module docstring).
+        fused_linear: True forces the fused-linear path (ValueError when a model's logits are
+            not ``lm_head(final hidden state)``), False the logits path, None picks fused-linear
+            when both models pass that check (see the module docstring).
         logits_to_keep: score only the last ``logits_to_keep`` positions (all completion tokens
             must lie there, e.g. the completion width with right-padded completions); saves
             the lm_head work on the prompt.
@@ -237,42 +158,22 @@ def renio_distillation_loss(
                 f"got {logits_to_keep}"
             )
         labels = labels[:, -logits_to_keep:]
-    keep = labels.shape[1]
-    fused = _fused_loss()
-    can_fuse = fused is not None and fused_linear_supported(student)
-    can_fuse = can_fuse and fused_linear_supported(teacher)
-    if fused_linear and not can_fuse:
-        raise ValueError(
-            "fused_linear=True needs renio_kernels.fused_linear_renio_loss and models whose "
-            "logits are lm_head(last_hidden_state) (no logit scaling or softcapping); pass "
-            "fused_linear=None to fall back to the logits path"
-        )
-    use_fused = can_fuse if fused_linear is None else bool(fused_linear)
-    kw = dict(vars(opts), backend=backend, return_stats=return_stats, ema_state=ema_state)
-    kw["check_labels"] = check_labels
     s_inner, t_inner = _unwrap(student), _unwrap(teacher)
 
-    def teacher_side():
-        with torch.no_grad():
-            if use_fused:
-                return _last_hidden(t_inner, input_ids, attention_mask)[:, :-1][:, -keep:]
-            return _logits(t_inner, input_ids, attention_mask, keep)[:, :-1][:, -keep:]
-
     def student_side():
-        teacher_out = _redirect(teacher, t_inner, teacher_side)
-        if not use_fused:
-            logits = _logits(s_inner, input_ids, attention_mask, keep)[:, :-1][:, -keep:]
-            return renio_loss(logits, teacher_out, labels, **kw)
-        hidden = _last_hidden(s_inner, input_ids, attention_mask)[:, :-1][:, -keep:]
-        s_head = _core(s_inner).get_output_embeddings()
-        t_head = _core(t_inner).get_output_embeddings()
-        with (
-            gathered_lm_head(s_head.weight, s_head.bias, grad=True) as (w_s, b_s),
-            gathered_lm_head(t_head.weight, t_head.bias, grad=False) as (w_t, b_t),
-        ):
-            return fused(
-                hidden, w_s, teacher_out, w_t, labels, student_bias=b_s, teacher_bias=b_t, **kw
-            )
+        return distillation_loss(
+            s_inner,
+            t_inner,
+            labels,
+            {"input_ids": input_ids, "attention_mask": attention_mask},
+            options=opts,
+            fused_linear=fused_linear,
+            run_teacher=lambda fn: _redirect(teacher, t_inner, fn),
+            backend=backend,
+            return_stats=return_stats,
+            ema_state=ema_state,
+            check_labels=check_labels,
+        )
 
     return _redirect(student, s_inner, student_side)
 

@@ -17,13 +17,17 @@ changes is ``compute_loss``:
 * the loss is ``renio_loss`` (SPEC.md) on the completion tokens (``completion_mask`` times the
   ``tool_mask`` when there is one), with every SPEC option from the config;
 * the fused-linear path (``renio_kernels.fused_linear_renio_loss`` on both models' final hidden
-  states and ``lm_head`` weights, as TRL's own chunked loss does) is used when it exists and both
-  heads are plain linear maps, else both models' logits go to ``renio_loss``
-  (``renio_fused_linear`` forces either). The ``lm_head`` is gathered as TRL gathers it for its
-  fused loss: ``full_tensor()`` for FSDP2 DTensors, ``GatheredParameters`` for DeepSpeed ZeRO-3
-  (plus one copy kept for our backward, which recomputes the logits; see
-  ``integrations.hf.gathered_lm_head``), inside the model wrapper's forward via TRL's
-  ``_forward_redirection``. Only the unsharded CPU path is tested here;
+  states, from TRL's ``_get_last_hidden_state``, and ``lm_head`` weights, as TRL's own chunked
+  loss does) is used when both models' logits are ``lm_head(final hidden state)``, checked
+  numerically once per model when the trainer is built; else both models' logits go to
+  ``renio_loss`` (``renio_fused_linear`` forces either; forcing fused-linear on a model that
+  soft-caps or scales its logits is a ValueError). The step is
+  ``integrations.run.distillation_loss``, shared with ``integrations.hf`` and ``renio-train``.
+  The ``lm_head`` is gathered as TRL gathers it for its fused loss: ``full_tensor()`` for FSDP2
+  DTensors, ``GatheredParameters`` for DeepSpeed ZeRO-3 (plus one copy kept for our backward,
+  which recomputes the logits; see ``integrations.run.gathered_lm_head``), inside the model
+  wrapper's forward via TRL's ``_forward_redirection``. Only the unsharded CPU path is tested
+  here;
 * gradient accumulation: each micro-batch's loss has its ReNIO weights normalized within that
   micro-batch (the paper trainer's semantics); ``loss_is_scaled_for_ga = False`` makes the Trainer
   average them over the accumulation steps (TRL's own loss is instead a token sum over
@@ -32,22 +36,24 @@ changes is ``compute_loss``:
 * the logged metrics are the ReNIO weights' min/max, the mean per-sequence divergence and the
   fraction of pivotal (selected) tokens, instead of TRL's entropy.
 
-TRL's config fields ``beta`` and ``temperature`` are SPEC's (``temperature`` also sets the
-sampling temperature, as in TRL); ``beta`` defaults to SPEC's 0.0 (forward KL) here, not TRL's
-1.0. TRL requires student and teacher to share ``vocab_size``.
+The config's ReNIO fields are derived from ``ReNIOOptions`` (``option_fields()``: name, default,
+documentation), so a new option appears here without an edit. TRL's own fields ``beta`` and
+``temperature`` are SPEC's (``temperature`` also sets the sampling temperature, as in TRL);
+``beta`` defaults to SPEC's 0.0 (forward KL) here, not TRL's 1.0. TRL requires student and
+teacher to share ``vocab_size``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..core.options import ReNIOOptions
-from ..loss import renio_loss
+from ..core.options import ReNIOOptions, option_fields
 from ..ops.backends import BACKENDS
-from .hf import _fused_loss, fused_linear_supported, gathered_lm_head
+from .run import LMAccess, distillation_loss, use_fused_linear
 
 try:
     from trl import DistillationConfig, DistillationTrainer
@@ -69,39 +75,16 @@ _MULTIMODAL_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+# How errors name the fused-linear switch.
+_NAMES = ("renio_fused_linear=True", "renio_fused_linear=False (or None to fall back)")
+# What an option's help adds in this config, beyond the record's documentation.
+_HELP_EXTRA = {"temperature": "; also TRL's sampling temperature"}
 
 
 @dataclass
-class ReNIODistillationConfig(DistillationConfig):
-    """``DistillationConfig`` plus every ReNIO option (SPEC.md names and defaults).
+class _ReNIOConfigBase(DistillationConfig):
+    """The fields that are not loss options, and the validation."""
 
-    ``beta`` and ``temperature`` are TRL's fields with SPEC's meaning; the rest are added.
-    """
-
-    beta: float = field(
-        default=0.0,
-        metadata={"help": "0: forward KL(teacher||student), 1: reverse KL, between: JSD."},
-    )
-    token_clip: float | None = field(
-        default=None,
-        metadata={"help": "Clamp each element's divergence term to [0, token_clip] (paper: 0.05)."},
-    )
-    use_renio: bool = field(
-        default=True, metadata={"help": "False: plain on-policy distillation (all weights 1)."}
-    )
-    ratio_clip: float | None = field(
-        default=2.5, metadata={"help": "Upper clip of the sampled-token log ratio (kd_clamp)."}
-    )
-    threshold: float = field(
-        default=0.8, metadata={"help": "Tokens with log ratio >= threshold are pivotal."}
-    )
-    weight_temperature: float = field(
-        default=1.0, metadata={"help": "e_b = exp(rbar_b / weight_temperature) (kd_sgo_tem)."}
-    )
-    weight_norm: str = field(
-        default="batch_mean",
-        metadata={"help": "ReNIO weight normalization: batch_mean, clamp, none or ema."},
-    )
     renio_backend: str = field(
         default="auto", metadata={"help": "Row-kernel backend: auto, triton, torch or cpu."}
     )
@@ -124,16 +107,29 @@ class ReNIODistillationConfig(DistillationConfig):
 
     def renio_options(self) -> ReNIOOptions:
         """The validated ReNIO options (ValueError with the fix on a bad value)."""
-        return ReNIOOptions(
-            beta=float(self.beta),
-            temperature=float(self.temperature),
-            token_clip=self.token_clip,
-            use_renio=self.use_renio,
-            ratio_clip=self.ratio_clip,
-            threshold=self.threshold,
-            weight_temperature=self.weight_temperature,
-            weight_norm=self.weight_norm,
-        )
+        return ReNIOOptions(**{f.name: getattr(self, f.name) for f in option_fields()})
+
+
+def _option_help(f: dataclasses.Field) -> str:
+    choices = f.metadata["choices"]
+    listed = f" (one of {', '.join(map(str, choices))})" if choices else ""
+    return f"{f.metadata['doc']}{listed}{_HELP_EXTRA.get(f.name, '')}."
+
+
+ReNIODistillationConfig = dataclasses.make_dataclass(
+    "ReNIODistillationConfig",
+    [
+        (f.name, f.type, field(default=f.default, metadata={"help": _option_help(f)}))
+        for f in option_fields()
+    ],
+    bases=(_ReNIOConfigBase,),
+    namespace={
+        "__doc__": "``DistillationConfig`` plus every ReNIO option (SPEC.md names and defaults, "
+        "from ``ReNIOOptions``); ``beta`` and ``temperature`` are TRL's fields with SPEC's "
+        "meaning and defaults."
+    },
+)
+ReNIODistillationConfig.__module__ = __name__
 
 
 class ReNIODistillationTrainer(DistillationTrainer):
@@ -154,17 +150,17 @@ class ReNIODistillationTrainer(DistillationTrainer):
             raise ValueError("ReNIODistillationTrainer needs a teacher_model")
         self.renio_options = self.args.renio_options()
         self.renio_ema_state = torch.full((), math.nan, device=self.accelerator.device)
-        fused_ok = _fused_loss() is not None and all(
-            fused_linear_supported(m) for m in (self.model, self.teacher_model)
-        )
-        if self.args.renio_fused_linear and not fused_ok:
-            raise ValueError(
-                "renio_fused_linear=True needs renio_kernels.fused_linear_renio_loss and models "
-                "whose logits are lm_head(last_hidden_state) (no logit scaling/softcapping); "
-                "set renio_fused_linear=None to fall back to the logits path"
-            )
+        self.renio_access = LMAccess(hidden=self._renio_hidden)
+        # Both models are checked now (once each), so a forced fused-linear path on a model that
+        # post-processes its logits fails before any generation.
         choice = self.args.renio_fused_linear
-        self.renio_fused = fused_ok if choice is None else bool(choice)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        self.renio_fused = use_fused_linear(
+            self.model, "student", choice, self.renio_access, _NAMES
+        ) and self._forward_redirection(
+            self.teacher_model, teacher, use_fused_linear,
+            teacher, "teacher", choice, self.renio_access, _NAMES,
+        )  # fmt: skip
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
@@ -185,60 +181,39 @@ class ReNIODistillationTrainer(DistillationTrainer):
 
     def renio_batch(self, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """``(input_ids, attention_mask, labels (B, K), multimodal)`` of one micro-batch; the
-        labels are the completion ids, -100 outside ``completion_mask * tool_mask``."""
+        labels are the completion ids, ``ignore_index`` outside ``completion_mask * tool_mask``."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         loss_mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             loss_mask = loss_mask * inputs["tool_mask"]
-        labels = inputs["completion_ids"].masked_fill(loss_mask == 0, -100).long()
+        ignore = self.renio_options.ignore_index
+        labels = inputs["completion_ids"].masked_fill(loss_mask == 0, ignore).long()
         multimodal = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}
         return input_ids, attention_mask, labels, multimodal
 
-    def _logits(self, model, input_ids, attention_mask, keep: int, **multimodal):
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        if "logits_to_keep" in self.model_kwarg_keys:
-            kwargs["logits_to_keep"] = keep + 1
-        logits = model(**kwargs, **multimodal).logits
-        return logits[:, :-1][:, -keep:]
+    def _renio_hidden(self, model, keep: int, input_ids, attention_mask, **multimodal):
+        """TRL's final hidden states (its backbone choice for VLMs and PEFT models)."""
+        return self._get_last_hidden_state(model, input_ids, attention_mask, keep, **multimodal)
 
     def _renio_loss(self, student, inputs):
         input_ids, attention_mask, labels, multimodal = self.renio_batch(inputs)
-        keep = labels.shape[1]
         self.teacher_model.eval()
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        side = self._get_last_hidden_state if self.renio_fused else self._logits
-        student_out = side(student, input_ids, attention_mask, keep, **multimodal)
-        with torch.no_grad():
-            # Through the teacher's own wrapper, so FSDP/DeepSpeed materialize its parameters.
-            teacher_out = self._forward_redirection(
-                self.teacher_model, teacher, side, teacher, input_ids, attention_mask, keep,
-                **multimodal,
-            )  # fmt: skip
         training = self.model.training
-        kw = dict(
-            vars(self.renio_options),
+        return distillation_loss(
+            student,
+            teacher,
+            labels,
+            {"input_ids": input_ids, "attention_mask": attention_mask, **multimodal},
+            options=self.renio_options,
+            fused_linear=self.renio_fused,
+            access=self.renio_access,
+            names=_NAMES,
+            # Through the teacher's own wrapper, so FSDP/DeepSpeed materialize its parameters.
+            run_teacher=lambda fn: self._forward_redirection(self.teacher_model, teacher, fn),
             backend=self.args.renio_backend,
             return_stats=True,
             ema_state=self.renio_ema_state if training else self.renio_ema_state.clone(),
             check_labels=self.args.renio_check_labels,
         )
-        if not self.renio_fused:
-            return renio_loss(student_out, teacher_out, labels.to(student_out.device), **kw)
-        s_head = student.get_output_embeddings()
-        t_head = teacher.get_output_embeddings()
-        device = s_head.weight.device
-        with (
-            gathered_lm_head(s_head.weight, s_head.bias, grad=True) as (w_s, b_s),
-            gathered_lm_head(t_head.weight, t_head.bias, grad=False) as (w_t, b_t),
-        ):
-            return _fused_loss()(
-                student_out.to(device),
-                w_s,
-                teacher_out.to(device),
-                w_t.to(device),
-                labels.to(device),
-                student_bias=b_s,
-                teacher_bias=None if b_t is None else b_t.to(device),
-                **kw,
-            )

@@ -1,8 +1,11 @@
 """Every option of a training run: defaults, command-line flags and YAML/JSON config files.
 
 Precedence: defaults < ``--config FILE`` < flags given on the command line. The loss options
-carry SPEC.md's names and defaults. The resolved config is written to ``RUN/config.yaml``, which
-``--config`` reads back, so a run can be repeated from its own directory.
+are derived from ``ReNIOOptions`` (``option_fields()``: SPEC.md's names, defaults, documentation
+and allowed values), so a new option is a key and a ``--flag`` here without an edit; the one
+exception is ``use_renio``, which ``--objective`` decides. The resolved config is written to
+``RUN/config.yaml``, which ``--config`` reads back, so a run can be repeated from its own
+directory.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.options import ReNIOOptions, option_fields
 from .models import ASSETS
 from .tasks import DEFAULT_PROMPT, DEFAULT_TEACHER_PROMPT
 
@@ -25,7 +29,9 @@ LOSS_IMPLS = ("fused-linear", "logits")
 
 
 @dataclass
-class TrainConfig:
+class _RunSettings:
+    """Every setting that is not a loss option (``TrainConfig`` adds those)."""
+
     # run
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<time>)"})
     resume: str | None = field(
@@ -97,18 +103,6 @@ class TrainConfig:
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning; needs peft)"})
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    # loss (SPEC.md names and defaults)
-    beta: float = 0.0
-    temperature: float = 1.0
-    token_clip: float | None = None
-    use_renio: bool | None = field(
-        default=None, metadata={"help": "default: from --objective (renio: on, opd: off)"}
-    )
-    ratio_clip: float | None = 2.5
-    threshold: float = 0.8
-    weight_temperature: float = 1.0
-    weight_norm: str = "batch_mean"
-    ignore_index: int = -100
     # sampling
     sample_temperature: float = 1.0
     top_p: float = 1.0
@@ -169,11 +163,7 @@ class TrainConfig:
             )
         if self.objective == "opd" and self.use_renio:
             raise ValueError("--objective opd turns ReNIO off; use --objective renio instead")
-        from renio_kernels import ReNIOOptions
-
-        opts = loss_options(self)
-        opts.pop("backend")
-        ReNIOOptions(**opts)  # the loss's own checks, before any run directory exists
+        loss_options(self)  # the loss's own checks, before any run directory exists
         if not (0 < self.top_p <= 1):
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.sample_temperature <= 0:
@@ -194,20 +184,38 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def loss_options(cfg: TrainConfig) -> dict:
-    """Keyword arguments of ``renio_loss`` / ``fused_linear_renio_loss``."""
-    return {
-        "beta": cfg.beta,
-        "temperature": cfg.temperature,
-        "token_clip": cfg.token_clip,
-        "use_renio": cfg.objective == "renio",
-        "ratio_clip": cfg.ratio_clip,
-        "threshold": cfg.threshold,
-        "weight_temperature": cfg.weight_temperature,
-        "weight_norm": cfg.weight_norm,
-        "ignore_index": cfg.ignore_index,
-        "backend": cfg.backend,
-    }
+# Option fields whose config key is not the record's: ``use_renio`` follows ``--objective``.
+DERIVED_FROM_OBJECTIVE = {
+    "use_renio": field(
+        default=None, metadata={"help": "default: from --objective (renio: on, opd: off)"}
+    ),
+}
+
+
+def _option_field(f: dataclasses.Field) -> tuple:
+    if f.name in DERIVED_FROM_OBJECTIVE:
+        return f.name, f"{f.type} | None", DERIVED_FROM_OBJECTIVE[f.name]
+    paper = f.metadata["paper_flag"]
+    meta = {"help": f.metadata["doc"] + (f" (paper: {paper})" if paper else "")}
+    if f.metadata["choices"]:
+        meta["choices"] = f.metadata["choices"]
+    return f.name, f.type, field(default=f.default, metadata=meta)
+
+
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [_option_field(f) for f in option_fields()],
+    bases=(_RunSettings,),
+    namespace={"__doc__": "A training run: ``_RunSettings`` plus every loss option."},
+)
+TrainConfig.__module__ = __name__
+
+
+def loss_options(cfg: TrainConfig) -> ReNIOOptions:
+    """The validated loss options of the run; ``use_renio`` from ``--objective``."""
+    values = {f.name: getattr(cfg, f.name) for f in option_fields()}
+    values["use_renio"] = cfg.objective == "renio"
+    return ReNIOOptions(**values)
 
 
 def _bool(text: str) -> bool:

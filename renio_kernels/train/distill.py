@@ -1,10 +1,12 @@
-"""One distillation micro-batch: lay out the sequences, run both models, compute the loss.
+"""One distillation micro-batch: lay out the sequences, then run both models and the loss.
 
 The student's hidden state at sequence position ``P - 1 + t`` predicts completion token ``t``
-(``P`` = prompt width; prompts are left-padded so every completion starts at column ``P``). The
-fused-linear path hands those hidden states and the lm_head weights to
-``fused_linear_renio_loss``, so the ``(B, T, V)`` logits never exist; the logits path asks the
-model for the logits of the completion positions only (``logits_to_keep``).
+(``P`` = prompt width; prompts are left-padded so every completion starts at column ``P``), i.e.
+the positions that predict the last ``C`` tokens of the ``P + C`` columns. Running the models and
+the loss is ``integrations.run.distillation_loss`` (shared with the Hugging Face and TRL
+integrations): ``--loss-impl fused-linear`` hands those hidden states and the lm_head weights to
+``fused_linear_renio_loss``, so the ``(B, C, V)`` logits never exist; ``logits`` asks the models
+for the logits of the completion positions only (``logits_to_keep``).
 """
 
 from __future__ import annotations
@@ -13,113 +15,71 @@ import torch
 
 import renio_kernels
 
+from ..core.options import ReNIOOptions
+from ..integrations.run import causal_logits, distillation_loss, use_fused_linear
 from .generation import Rollout, sequences_for
-from .models import lm_head_of, trunk_of
 
-__all__ = ["DistillLoss", "check_fused_consistency", "fused_available"]
+__all__ = ["DistillLoss"]
 
-
-def fused_available() -> bool:
-    return hasattr(renio_kernels, "fused_linear_renio_loss")
-
-
-def _hidden(model, ids, mask, pos, width: int, completion: int):
-    out = trunk_of(model)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-    return out.last_hidden_state[:, width - 1 : width - 1 + completion]
-
-
-def _logits(model, ids, mask, pos, completion: int):
-    # completion + 1 states end at the last column; the last one predicts nothing we sampled
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=pos,
-        use_cache=False,
-        logits_to_keep=completion + 1,
-    )
-    return out.logits[:, :completion]
-
-
-@torch.no_grad()
-def check_fused_consistency(model, role: str, vocab: int) -> None:
-    """The fused-linear path assumes ``logits == final_hidden @ lm_head.weight.T (+ bias)``.
-
-    Models that scale or soft-cap their logits break that; checked numerically on a short input
-    so a mismatch is an error, not a silently different loss.
-    """
-    ids = (torch.arange(8, device=next(model.parameters()).device) * 7 % vocab).unsqueeze(0)
-    mask = torch.ones_like(ids)
-    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-    hidden = trunk_of(model)(
-        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
-    ).last_hidden_state
-    head = lm_head_of(model)
-    ours = torch.nn.functional.linear(
-        hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float()
-    )
-    err = (ours - logits.float()).abs().max().item()
-    scale = logits.float().abs().max().item() + 1e-6
-    if not err <= 1e-3 * scale + 1e-4:
-        raise ValueError(
-            f"the {role}'s logits are not final_hidden @ lm_head.weight.T (max difference "
-            f"{err:.3g}; the model may scale or soft-cap its logits): use --loss-impl logits"
-        )
+# How errors name the fused-linear switch.
+_NAMES = ("--loss-impl fused-linear", "--loss-impl logits")
 
 
 class DistillLoss:
     """The objective over one rollout; keeps the ``"ema"`` weight normalization's running mean."""
 
-    def __init__(self, cfg, options: dict):
+    def __init__(self, cfg, options: ReNIOOptions):
         self.cfg = cfg
         self.options = options
         self.fused = cfg.loss_impl == "fused-linear"
         self.ema_state = torch.full((), float("nan"))
 
+    def check_models(self, student, teacher) -> None:
+        """Before the run: with ``--loss-impl fused-linear``, prove for each model (once) that its
+        logits are ``final_hidden @ lm_head.weight.T``; ValueError naming ``--loss-impl logits``
+        for a model that scales or soft-caps its logits."""
+        if self.fused:
+            for role, model in (("student", student), ("teacher", teacher)):
+                use_fused_linear(model, role, True, names=_NAMES)
+
     def __call__(self, student, teacher, rollout: Rollout, teacher_prompt: tuple | None):
         """``(loss, stats)``; stats is None for the sampled reverse KL."""
+        ignore = self.options.ignore_index
         s_ids, s_mask, s_pos, labels = sequences_for(
-            rollout.prompt_ids, rollout.prompt_mask, rollout, self.cfg.ignore_index
+            rollout.prompt_ids, rollout.prompt_mask, rollout, ignore
         )
+        s_in = {"input_ids": s_ids, "attention_mask": s_mask, "position_ids": s_pos}
         if teacher_prompt is None:
-            t_ids, t_mask, t_pos, t_width = s_ids, s_mask, s_pos, rollout.prompt_ids.shape[1]
+            t_in = s_in
         else:
-            t_ids, t_mask, t_pos, _ = sequences_for(*teacher_prompt, rollout)
-            t_width = teacher_prompt[0].shape[1]
-        width, completion = rollout.prompt_ids.shape[1], labels.shape[1]
-        opts = dict(self.options)
+            t_ids, t_mask, t_pos, _ = sequences_for(*teacher_prompt, rollout, ignore)
+            t_in = {"input_ids": t_ids, "attention_mask": t_mask, "position_ids": t_pos}
+        completion = labels.shape[1]
         if self.cfg.objective == "sampled-reverse-kl":
-            s_logits = _logits(student, s_ids, s_mask, s_pos, completion)
+            s_logits = causal_logits(student, completion, **s_in)
             with torch.no_grad():
-                t_logits = _logits(teacher, t_ids, t_mask, t_pos, completion)
+                t_logits = causal_logits(teacher, completion, **t_in)
             loss = renio_kernels.sampled_reverse_kl_loss(
                 s_logits,
                 t_logits,
                 labels,
-                temperature=opts["temperature"],
-                ignore_index=opts["ignore_index"],
-                backend=opts["backend"],
+                temperature=self.options.temperature,
+                ignore_index=ignore,
+                backend=self.cfg.backend,
             )
             return loss, None
         if self.ema_state.device != s_ids.device:
             self.ema_state = self.ema_state.to(s_ids.device)
-        opts.update(return_stats=True, ema_state=self.ema_state)
-        if self.fused:
-            s_hidden = _hidden(student, s_ids, s_mask, s_pos, width, completion)
-            with torch.no_grad():
-                t_hidden = _hidden(teacher, t_ids, t_mask, t_pos, t_width, completion)
-            s_head, t_head = lm_head_of(student), lm_head_of(teacher)
-            return renio_kernels.fused_linear_renio_loss(
-                s_hidden,
-                s_head.weight,
-                t_hidden,
-                t_head.weight,
-                labels,
-                student_bias=s_head.bias,
-                teacher_bias=t_head.bias,
-                **opts,
-            )
-        s_logits = _logits(student, s_ids, s_mask, s_pos, completion)
-        with torch.no_grad():
-            t_logits = _logits(teacher, t_ids, t_mask, t_pos, completion)
-        return renio_kernels.renio_loss(s_logits, t_logits, labels, **opts)
+        return distillation_loss(
+            student,
+            teacher,
+            labels,
+            s_in,
+            t_in,
+            options=self.options,
+            fused_linear=self.fused,
+            names=_NAMES,
+            backend=self.cfg.backend,
+            return_stats=True,
+            ema_state=self.ema_state,
+        )

@@ -25,7 +25,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, loss_options, parse_config, read_config_file
 from .dist import DistInfo, all_gather_objects, allreduce_grads, init_distributed, shutdown
-from .distill import DistillLoss, check_fused_consistency, fused_available
+from .distill import DistillLoss
 from .evaluate import evaluate
 from .generation import encode_prompts, sample
 from .metrics import MetricsWriter, auroc, peak_memory_mb, read_metrics
@@ -100,9 +100,6 @@ def _load_models(cfg: TrainConfig, device: torch.device):
             teacher.get_output_embeddings().weight.shape[0],
         )
     teacher.eval().requires_grad_(False)
-    if cfg.loss_impl == "fused-linear":
-        check_fused_consistency(student, "student", len(tokenizer))
-        check_fused_consistency(teacher, "teacher", len(tokenizer))
     if cfg.lora_r > 0:
         student = _lora(student, cfg)
     student.train()
@@ -202,18 +199,11 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     torch.manual_seed(seed)
     stream, held_out = _load_data(cfg)
     tokenizer, student, teacher = _load_models(cfg, device)
-    options = loss_options(cfg)
-    if cfg.loss_impl == "fused-linear" and not fused_available():
-        _log(
-            info,
-            "note: renio_kernels.fused_linear_renio_loss is not in this build; "
-            "using --loss-impl logits",
-        )
-        cfg.loss_impl = "logits"
     if cfg.objective == "sampled-reverse-kl" and cfg.loss_impl == "fused-linear":
         _log(info, "note: the sampled reverse KL has no fused-linear form; using the logits path")
         cfg.loss_impl = "logits"
-    loss_fn = DistillLoss(cfg, options)
+    loss_fn = DistillLoss(cfg, loss_options(cfg))
+    loss_fn.check_models(student, teacher)  # before the run directory exists
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))

@@ -17,12 +17,10 @@ __all__ = [
     "ASSETS",
     "build_char_tokenizer",
     "check_vocab_compatible",
-    "lm_head_of",
     "load_model",
     "load_tokenizer",
     "resolve_attn_implementation",
     "tiny_llama",
-    "trunk_of",
 ]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -156,20 +154,3 @@ def check_vocab_compatible(student_tok, teacher_tok, student_vocab: int, teacher
             f"(e.g. {differ[:3]}); the teacher must use the student's tokenizer (same ids), e.g. "
             "models of one family"
         )
-
-
-def trunk_of(model):
-    """The decoder stack below the lm_head (final norm included), also under peft."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
-
-
-def lm_head_of(model) -> torch.nn.Linear:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(
-            f"the model's output layer is a {type(head).__name__}, not a Linear; "
-            "use --loss-impl logits"
-        )
-    return head

@@ -66,9 +66,6 @@ def test_autocast_under_compile():
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(
-    not hasattr(rk, "fused_linear_renio_loss"), reason="fused-linear loss not on this branch"
-)
 def test_autocast_fused_linear():
     """The fused-linear loss forms fp32 logits itself, so under autocast it matches the fp32
     logits path (not the bf16 one) within fp32 tolerance."""

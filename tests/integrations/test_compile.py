@@ -159,7 +159,6 @@ def test_triton_kernels_under_inductor_on_gpu():
     assert_parity(fn, s, t, labels, backend="inductor")
 
 
-HAS_FUSED = hasattr(rk, "fused_linear_renio_loss")
 LINEAR_CASES = {
     "renio-bias": ({"beta": 0.5, "token_clip": 0.3, "threshold": 0.1}, (True, True, True)),
     "plain-opd": ({"use_renio": False}, (True, True, False)),
@@ -167,7 +166,6 @@ LINEAR_CASES = {
 }
 
 
-@pytest.mark.skipif(not HAS_FUSED, reason="fused-linear loss not on this branch")
 @pytest.mark.parametrize("kw, grads", LINEAR_CASES.values(), ids=LINEAR_CASES.keys())
 def test_fused_linear_fullgraph(kw, grads):
     g = torch.Generator().manual_seed(1)
@@ -193,7 +191,6 @@ def test_fused_linear_fullgraph(kw, grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not HAS_FUSED, reason="fused-linear loss not on this branch")
 def test_fused_linear_custom_op_opcheck():
     g = torch.Generator().manual_seed(2)
     hs, ht = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 5, generator=g)

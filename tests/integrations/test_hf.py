@@ -14,15 +14,18 @@ from tests.helpers import rel_err
 
 pytest.importorskip("transformers", reason="the HF integration needs transformers")
 
-from renio_kernels.integrations.hf import (  # noqa: E402
+from renio_kernels.integrations.hf import (
     ReNIOTrainerMixin,
     completion_labels,
     fused_linear_supported,
     renio_distillation_loss,
 )
-from tests.integrations.tiny_models import prompt_completion_batch, tiny_llama  # noqa: E402
+from tests.integrations.tiny_models import (
+    prompt_completion_batch,
+    tiny_gemma2,
+    tiny_llama,
+)
 
-HAS_FUSED = hasattr(rk, "fused_linear_renio_loss")
 OPTS = ReNIOOptions(beta=0.5, token_clip=0.5, threshold=0.1)
 
 
@@ -48,16 +51,7 @@ def manual_loss(student, teacher, ids, attn, comp, opts):
     return rk.renio_loss(logits, teacher_logits, labels, backend="torch", **vars(opts))
 
 
-@pytest.mark.parametrize(
-    "fused",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.skipif(not HAS_FUSED, reason="fused-linear loss not on this branch"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("fused", [False, True])
 def test_helper_matches_manual_loss(models, fused):
     student, teacher = models
     ids, attn, comp = prompt_completion_batch(4, 5, 7)
@@ -77,16 +71,7 @@ def test_helper_matches_manual_loss(models, fused):
         assert rel_err(p.grad, g) < 1e-4
 
 
-@pytest.mark.parametrize(
-    "fused",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.skipif(not HAS_FUSED, reason="fused-linear loss not on this branch"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("fused", [False, True])
 def test_helper_under_bf16_autocast(models, fused):
     """fp32 models under CPU bf16 autocast: the loss stays fp32 and within bf16 error of the
     fp32 run (the logits path sees bf16 logits; the fused path forms fp32 logits itself)."""
@@ -108,13 +93,34 @@ def test_helper_under_bf16_autocast(models, fused):
 
 
 def test_fused_eligibility():
-    plain = tiny_llama(0)
+    # Gemma 2 reads the cap from its config at each forward: None, then the released models' 30.
+    plain = tiny_gemma2(0, softcap=None)
     assert fused_linear_supported(plain)
     plain.config.final_logit_softcapping = 30.0
     assert not fused_linear_supported(plain)
     with pytest.raises(ValueError, match="fused_linear=True"):
         ids, attn, comp = prompt_completion_batch(2, 3, 4)
         renio_distillation_loss(plain, plain, ids, attn, comp, fused_linear=True)
+
+
+def test_softcapped_student_falls_back_to_the_logits_path(models):
+    """A Gemma 2 student soft-caps its logits: with the automatic choice the helper takes the
+    logits path (the model's capped logits, as a hand-written loss); forcing fused-linear is an
+    error naming the logits path."""
+    _, teacher = models
+    student = tiny_gemma2(2)
+    ids, attn, comp = prompt_completion_batch(4, 5, 7)
+    ref = manual_loss(student, teacher, ids, attn, comp, OPTS)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    loss = renio_distillation_loss(student, teacher, ids, attn, comp, options=OPTS, backend="torch")
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for p, g in zip(student.parameters(), ref_grads, strict=True):
+        assert rel_err(p.grad, g) < 1e-4
+    with pytest.raises(ValueError, match=r"student's logits.*use fused_linear=False"):
+        renio_distillation_loss(student, teacher, ids, attn, comp, fused_linear=True)
 
 
 # --- a real transformers.Trainer ------------------------------------------------------------

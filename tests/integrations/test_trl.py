@@ -56,12 +56,13 @@ def offline(monkeypatch):
     monkeypatch.setenv("WANDB_DISABLED", "true")
 
 
-def make_trainer(tmp_path, fused: bool | None, **options):
+def make_trainer(tmp_path, fused: bool | None, teacher=None, **options):
     trl_mod = pytest.importorskip("renio_kernels.integrations.trl", reason="needs trl")
     from datasets import Dataset
 
     from tests.integrations.tiny_models import tiny_llama
 
+    teacher = tiny_llama(1, hidden=48) if teacher is None else teacher
     g = torch.Generator().manual_seed(0)
     prompts = [
         " ".join(f"w{int(i)}" for i in torch.randint(3, 64, (int(n),), generator=g))
@@ -112,7 +113,7 @@ def make_trainer(tmp_path, fused: bool | None, **options):
     before = [p.detach().clone() for p in student.parameters()]
     trainer = Recording(
         model=student,
-        teacher_model=tiny_llama(1, hidden=48),
+        teacher_model=teacher,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=tiny_tokenizer(),
@@ -120,19 +121,7 @@ def make_trainer(tmp_path, fused: bool | None, **options):
     return trainer, recorded, before
 
 
-@pytest.mark.parametrize(
-    "fused",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.skipif(
-                not hasattr(rk, "fused_linear_renio_loss"), reason="fused-linear loss not merged"
-            ),
-        ),
-    ],
-    ids=["logits", "fused-linear"],
-)
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused-linear"])
 def test_trainer_steps_match_functional_loss(tmp_path, offline, fused):
     trainer, recorded, before = make_trainer(
         tmp_path, fused, beta=0.5, token_clip=0.3, threshold=0.1
@@ -159,3 +148,89 @@ def test_config_validates_options(tmp_path):
         config(output_dir=str(tmp_path), renio_backend="cuda", use_cpu=True)
     args = config(output_dir=str(tmp_path), use_cpu=True)
     assert args.renio_options() == rk.ReNIOOptions()
+
+
+def completion_batch(seed: int = 0):
+    """One micro-batch as TRL hands it to ``compute_loss``: left-padded prompts, right-padded
+    completions."""
+    from tests.integrations.tiny_models import prompt_completion_batch
+
+    ids, attn, comp = prompt_completion_batch(3, 4, 6, seed=seed)
+    return {
+        "prompt_ids": ids[:, :4],
+        "prompt_mask": attn[:, :4],
+        "completion_ids": ids[:, 4:],
+        "completion_mask": comp[:, 4:],
+    }
+
+
+def test_fused_and_logits_paths_give_the_same_loss_and_grads(tmp_path, offline):
+    trainer, _, _ = make_trainer(tmp_path, None, beta=0.5, token_clip=0.3, threshold=0.1)
+    assert trainer.renio_fused is True  # both tiny Llamas pass the exactness check
+    inputs = completion_batch()
+    runs = []
+    for fused in (True, False):
+        trainer.renio_fused = fused
+        trainer.model.zero_grad()
+        loss, _ = trainer._renio_loss(trainer.model, inputs)
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
+    (fused_loss, fused_grads), (logits_loss, logits_grads) = runs
+    assert rel_err(fused_loss, logits_loss) < 1e-5
+    assert max(rel_err(a, b) for a, b in zip(fused_grads, logits_grads, strict=True)) < 1e-4
+
+
+def test_softcapped_teacher(tmp_path, offline):
+    """A Gemma 2 teacher soft-caps its logits: the automatic choice is the logits path, whose
+    loss is renio_loss on the models' own logits; forcing fused-linear fails at construction."""
+    from tests.integrations.tiny_models import tiny_gemma2
+
+    trainer, _, _ = make_trainer(tmp_path, None, teacher=tiny_gemma2(1, hidden=48), threshold=0.1)
+    assert trainer.renio_fused is False
+    inputs = completion_batch()
+    loss, _ = trainer._renio_loss(trainer.model, inputs)
+    assert rel_err(loss, trainer._functional(trainer.model, inputs)) < 1e-5
+    with pytest.raises(ValueError, match=r"renio_fused_linear=True needs the teacher's logits"):
+        make_trainer(tmp_path, True, teacher=tiny_gemma2(1, hidden=48))
+
+
+def test_config_fields_come_from_the_options_record():
+    """Every ReNIO option is a config field with the record's default; ``beta`` and
+    ``temperature`` are TRL's own fields, kept with SPEC's defaults (beta 0.0, not TRL's 1.0)."""
+    import dataclasses
+
+    trl_mod = pytest.importorskip("renio_kernels.integrations.trl", reason="needs trl")
+    from renio_kernels.core.options import option_fields
+
+    fields = {f.name: f for f in dataclasses.fields(trl_mod.ReNIODistillationConfig)}
+    for f in option_fields():
+        assert fields[f.name].default == f.default, f.name
+        assert fields[f.name].metadata["help"].startswith(f.metadata["doc"]), f.name
+    assert fields["beta"].default == 0.0
+
+
+def test_a_new_option_needs_no_other_edit(monkeypatch, tmp_path):
+    """A field added to ReNIOOptions is a config field (and so a CLI flag) and reaches
+    ``renio_options()``."""
+    import dataclasses
+    import importlib.util
+
+    trl_mod = pytest.importorskip("renio_kernels.integrations.trl", reason="needs trl")
+    import renio_kernels.core.options as options_module
+
+    knob = dataclasses.field(
+        default=0.25, metadata={"kind": "real", "doc": "a new knob", "paper_flag": None,
+                                "choices": None},
+    )  # fmt: skip
+    extended = dataclasses.make_dataclass(
+        "Extended", [("new_knob", "float", knob)], bases=(rk.ReNIOOptions,), frozen=True
+    )
+    monkeypatch.setattr(options_module, "ReNIOOptions", extended)
+    monkeypatch.setattr(options_module, "option_fields", lambda: dataclasses.fields(extended))
+    name = "renio_kernels.integrations._trl"
+    spec = importlib.util.spec_from_file_location(name, trl_mod.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, fresh)
+    spec.loader.exec_module(fresh)
+    args = fresh.ReNIODistillationConfig(output_dir=str(tmp_path), use_cpu=True, new_knob=0.5)
+    assert args.renio_options().new_knob == 0.5

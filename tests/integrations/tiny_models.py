@@ -48,3 +48,32 @@ def prompt_completion_batch(batch: int, prompt: int, completion: int, seed: int 
         attn[b, prompt + cut :] = 0
         comp[b, prompt + cut :] = 0
     return ids, attn, comp
+
+
+def tiny_gemma2(seed: int, softcap: float | None = 30.0, hidden: int = 32, vocab: int = VOCAB):
+    """A Gemma 2 model, whose forward soft-caps its logits (``30 * tanh(logits / 30)`` as the
+    released models): not ``hidden @ lm_head.weight.T``, so the fused-linear path must not be
+    used. The head is scaled as in ``tiny_llama`` so the logits reach magnitudes where the cap
+    shows (about 8 here: a 2% change)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        final_logit_softcapping=softcap,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model.float()

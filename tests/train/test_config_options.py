@@ -1,0 +1,58 @@
+"""The training script's loss keys and flags come from ``ReNIOOptions`` (``option_fields()``):
+every option is a ``TrainConfig`` field and a ``--flag`` with the record's default (except
+``use_renio``, decided by ``--objective``), and a new field of the record becomes one with no
+other edit."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+
+import renio_kernels.core.options as options_module
+from renio_kernels import ReNIOOptions
+from renio_kernels.core.options import option_fields
+from renio_kernels.train import config
+
+# The documented exceptions: config keys whose default is not the record's.
+EXCEPTIONS = set(config.DERIVED_FROM_OBJECTIVE)
+
+
+def test_every_option_is_a_key_and_a_flag():
+    fields = {f.name: f for f in dataclasses.fields(config.TrainConfig)}
+    flags = {a.dest: a for a in config.build_parser()._actions}
+    for f in option_fields():
+        assert f.name in fields, f.name
+        assert f"--{f.name.replace('_', '-')}" in flags[f.name].option_strings
+        if f.name not in EXCEPTIONS:
+            assert fields[f.name].default == f.default, f.name
+            assert flags[f.name].choices == f.metadata["choices"], f.name
+    assert EXCEPTIONS == {"use_renio"}
+    assert fields["use_renio"].default is None
+
+
+def test_flags_reach_the_loss_options():
+    cfg = config.parse_config(["--beta", "0.5", "--divergence", "tvd", "--token-clip", "none"])
+    assert config.loss_options(cfg) == ReNIOOptions(beta=0.5, divergence="tvd")
+    opd = config.loss_options(config.parse_config(["--objective", "opd"]))
+    assert opd == ReNIOOptions(use_renio=False)
+
+
+def test_a_new_option_needs_no_other_edit(monkeypatch):
+    """A field added to the record is a config key and a flag, and reaches the options."""
+    knob = dataclasses.field(
+        default=0.25, metadata={"kind": "real", "doc": "a new knob", "paper_flag": None,
+                                "choices": None},
+    )  # fmt: skip
+    extended = dataclasses.make_dataclass(
+        "Extended", [("new_knob", "float", knob)], bases=(ReNIOOptions,), frozen=True
+    )
+    monkeypatch.setattr(options_module, "ReNIOOptions", extended)
+    monkeypatch.setattr(options_module, "option_fields", lambda: dataclasses.fields(extended))
+    spec = importlib.util.spec_from_file_location("renio_kernels.train._config", config.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, fresh)
+    spec.loader.exec_module(fresh)
+    assert fresh.TrainConfig().new_knob == 0.25
+    cfg = fresh.parse_config(["--new-knob", "0.5"])
+    assert fresh.loss_options(cfg).new_knob == 0.5
