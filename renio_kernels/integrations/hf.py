@@ -11,7 +11,7 @@ elsewhere), the causal shift, the teacher under ``no_grad``, and then either
   their logits fail it;
 * the **logits** path otherwise: both models' logits go to ``renio_kernels.renio_loss``.
 
-Both give ``renio_loss`` on the logits at the completion positions, i.e. SPEC.md's loss. The
+Both give ``renio_loss`` on the logits at the completion positions, i.e. docs/SPEC.md's loss. The
 step itself (teacher, student, loss) is ``integrations.run.distillation_loss``, shared with the
 TRL trainer and ``renio-train``.
 

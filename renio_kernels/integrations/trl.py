@@ -14,7 +14,7 @@ stable ``trl.DistillationTrainer`` (``GKDTrainer`` lives on in ``trl.experimenta
 Everything else (on-policy generation, vLLM, tools, PEFT, DeepSpeed/FSDP setup) is TRL's. What
 changes is ``compute_loss``:
 
-* the loss is ``renio_loss`` (SPEC.md) on the completion tokens (``completion_mask`` times the
+* the loss is ``renio_loss`` (docs/SPEC.md) on the completion tokens (``completion_mask`` times the
   ``tool_mask`` when there is one), with every SPEC option from the config;
 * the fused-linear path (``renio_kernels.fused_linear_renio_loss`` on both models' final hidden
   states, from TRL's ``_get_last_hidden_state``, and ``lm_head`` weights, as TRL's own chunked
@@ -124,8 +124,8 @@ ReNIODistillationConfig = dataclasses.make_dataclass(
     ],
     bases=(_ReNIOConfigBase,),
     namespace={
-        "__doc__": "``DistillationConfig`` plus every ReNIO option (SPEC.md names and defaults, "
-        "from ``ReNIOOptions``); ``beta`` and ``temperature`` are TRL's fields with SPEC's "
+        "__doc__": "``DistillationConfig`` plus every ReNIO option (docs/SPEC.md names and "
+        "defaults, from ``ReNIOOptions``); ``beta`` and ``temperature`` are TRL's fields with SPEC's "
         "meaning and defaults."
     },
 )

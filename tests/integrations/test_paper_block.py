@@ -1,9 +1,9 @@
 """Our loss equals the paper trainer's eager loss block on random inputs.
 
 ``paper_block`` is the block as an eager trainer writes it (materialized log-softmaxes, the
-per-element divergence, the clamp, the masks, the ReNIO weights), transcribed from SPEC.md with
+per-element divergence, the clamp, the masks, the ReNIO weights), transcribed from docs/SPEC.md with
 the paper's flag names and written independently of ``renio_kernels.reference``. The call that
-replaces it is the one README.md ("Use it in your trainer") shows.
+replaces it is the one docs/integrations.md ("The paper's trainer") shows.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def flags(**kw):
 
 
 def our_call(student_logits, teacher_logits, labels, args):
-    """The one call that replaces the block (README.md ("Use it in your trainer"))."""
+    """The one call that replaces the block (docs/integrations.md, "The paper's trainer")."""
     return rk.renio_loss(
         student_logits,
         teacher_logits,
