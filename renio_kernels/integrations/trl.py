@@ -125,8 +125,8 @@ ReNIODistillationConfig = dataclasses.make_dataclass(
     bases=(_ReNIOConfigBase,),
     namespace={
         "__doc__": "``DistillationConfig`` plus every ReNIO option (docs/SPEC.md names and "
-        "defaults, from ``ReNIOOptions``); ``beta`` and ``temperature`` are TRL's fields with SPEC's "
-        "meaning and defaults."
+        "defaults, from ``ReNIOOptions``); ``beta`` and ``temperature`` are TRL's fields with "
+        "SPEC's meaning and defaults."
     },
 )
 ReNIODistillationConfig.__module__ = __name__

@@ -2,8 +2,8 @@
 
 Precedence: defaults < ``--config FILE`` < flags given on the command line. The loss options
 are derived from ``ReNIOOptions`` (``option_fields()``: the names, defaults, documentation and
-allowed values of docs/SPEC.md), so a new option is a key and a ``--flag`` here without an edit; the one
-exception is ``use_renio``, which ``--objective`` decides. The resolved config is written to
+allowed values of docs/SPEC.md), so a new option is a key and a ``--flag`` here without an edit;
+the one exception is ``use_renio``, which ``--objective`` decides. The resolved config is written to
 ``RUN/config.yaml``, which ``--config`` reads back, so a run can be repeated from its own
 directory.
 """
