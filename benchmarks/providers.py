@@ -251,11 +251,6 @@ def unavailable_reason(name: str, device: str) -> str | None:
             resolve_backend("cpu", torch.device("cpu"))
         except ValueError as err:
             return f"unavailable: {err}"
-    if name == "renio-fused-linear":
-        import renio_kernels
-
-        if not hasattr(renio_kernels, "fused_linear_renio_loss"):
-            return "unavailable: renio_kernels.fused_linear_renio_loss not on this branch"
     return None
 
 
