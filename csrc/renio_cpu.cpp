@@ -65,7 +65,8 @@ void fwd_row(const void* s, c10::ScalarType s_type, const void* t, c10::ScalarTy
              float* a, float* b) {
   OnlineLse lse_s, lse_t;
   row_logsumexps(s, s_type, t, t_type, vocab, p.inv_tau, a, b, lse_s, lse_t);
-  const float an_s = row_anchor(s, s_type, p.inv_tau), an_t = row_anchor(t, t_type, p.inv_tau);
+  const float an_s = row_anchor(s, s_type, p.inv_tau, vocab);
+  const float an_t = row_anchor(t, t_type, p.inv_tau, vocab);
   out.lse_s = lse_s.lse(an_s);
   out.lse_t = lse_t.lse(an_t);
   // An out-of-range label (only possible with check_labels=False) poisons the row.
@@ -214,8 +215,8 @@ struct BwdRows {
                         has_div ? c_p[row] : 0.0f,
                         has_div ? gd_p[row] * p.inv_tau : 0.0f,
                         has_x ? gx_p[row] * p.inv_tau : 0.0f,
-                        row_anchor(s_row, student.scalar_type(), p.inv_tau),
-                        has_div ? row_anchor(t_row, teacher.scalar_type(), p.inv_tau) : 0.0f};
+                        row_anchor(s_row, student.scalar_type(), p.inv_tau, vocab),
+                        has_div ? row_anchor(t_row, teacher.scalar_type(), p.inv_tau, vocab) : 0.0f};
       bwd_row<kMode, kClip>(s_row, student.scalar_type(), t_row, teacher.scalar_type(), vocab,
                             label, p, k, has_div, has_x, grad_row, sc);
     });
@@ -227,13 +228,13 @@ using BwdFn = decltype(&BwdRows<0, false>::run);
 
 // (6, B, T) fp32: lse_s, lse_t, ls_x, lt_x, d (0 without the divergence), c (0 unless store_c).
 at::Tensor renio_fwd(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
-                     double inv_tau, double beta, double log_beta, double log_1m_beta,
+                     double inv_tau, double beta,
                      double token_clip, int64_t mode, bool clip, int64_t ignore_index,
                      bool with_divergence, bool store_c) {
   check_inputs(student, teacher, labels);
   at::Tensor out =
       at::empty({6, student.size(0), student.size(1)}, student.options().dtype(at::kFloat));
-  const DivParams p = div_params(inv_tau, beta, log_beta, log_1m_beta, token_clip);
+  const DivParams p = div_params(inv_tau, beta, token_clip);
   pick<FwdFn, FwdRows>(mode, clip)(student, teacher, labels, p, ignore_index, with_divergence,
                                    store_c && with_divergence, out);
   return out;
@@ -244,7 +245,7 @@ at::Tensor renio_bwd(const at::Tensor& student, const at::Tensor& teacher, const
                      const at::Tensor& lse_s, const at::Tensor& lse_t,
                      const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& grad_d,
                      const std::optional<at::Tensor>& grad_ls_x, double inv_tau, double beta,
-                     double log_beta, double log_1m_beta, double token_clip, int64_t mode,
+                     double token_clip, int64_t mode,
                      bool clip, int64_t ignore_index) {
   check_inputs(student, teacher, labels);
   TORCH_CHECK(grad_d.has_value() || grad_ls_x.has_value(), "renio cpu: no gradient to propagate");
@@ -259,7 +260,7 @@ at::Tensor renio_bwd(const at::Tensor& student, const at::Tensor& teacher, const
               "renio cpu: per-row tensors must be contiguous float32 (B, T)");
   bool fresh = false;
   at::Tensor grad = empty_grad(student.sizes(), student.scalar_type(), &fresh);
-  const DivParams p = div_params(inv_tau, beta, log_beta, log_1m_beta, token_clip);
+  const DivParams p = div_params(inv_tau, beta, token_clip);
   pick<BwdFn, BwdRows>(mode, clip)(student, teacher, labels, p, ignore_index, lse_s, lse_t, c,
                                    grad_d, grad_ls_x, grad, fresh);
   return grad;
@@ -270,12 +271,12 @@ at::Tensor renio_bwd(const at::Tensor& student, const at::Tensor& teacher, const
 TORCH_LIBRARY(renio_kernels_cpu, m) {
   m.def(
       "renio_fwd(Tensor student, Tensor teacher, Tensor labels, float inv_tau, float beta, "
-      "float log_beta, float log_1m_beta, float token_clip, int mode, bool clip, "
+      "float token_clip, int mode, bool clip, "
       "int ignore_index, bool with_divergence, bool store_c) -> Tensor");
   m.def(
       "renio_bwd(Tensor student, Tensor teacher, Tensor labels, Tensor lse_s, Tensor lse_t, "
-      "Tensor? c, Tensor? grad_d, Tensor? grad_ls_x, float inv_tau, float beta, float log_beta, "
-      "float log_1m_beta, float token_clip, int mode, bool clip, int ignore_index) -> Tensor");
+      "Tensor? c, Tensor? grad_d, Tensor? grad_ls_x, float inv_tau, float beta, "
+      "float token_clip, int mode, bool clip, int ignore_index) -> Tensor");
   m.def("divergence_names() -> str[]", &renio::divergence_names);
 }
 

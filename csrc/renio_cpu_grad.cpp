@@ -212,7 +212,8 @@ void fwd_grad_row(const void* s, c10::ScalarType s_type, const void* t, c10::Sca
   auto pending_tile = [&](int64_t k) {
     if (sc.prev.grad != nullptr) write_u_tile(sc.prev, k, vocab, s_type, p.inv_tau, sc.g);
   };
-  const float an_s = row_anchor(s, s_type, p.inv_tau), an_t = row_anchor(t, t_type, p.inv_tau);
+  const float an_s = row_anchor(s, s_type, p.inv_tau, vocab);
+  const float an_t = row_anchor(t, t_type, p.inv_tau, vocab);
   out.lse_s = exp_sweep<T>(s, s_type, vocab, p.inv_tau, an_s, es, r.fs.data(), sc.a, pending_tile);
   if (sc.prev.grad != nullptr) {
     store_fence();
@@ -324,8 +325,7 @@ void scale_row(scalar_t* g, int64_t n, float k) {
 std::tuple<at::Tensor, at::Tensor> renio_fwd_grad(const at::Tensor& student,
                                                   const at::Tensor& teacher,
                                                   const at::Tensor& labels, double inv_tau,
-                                                  double beta, double log_beta,
-                                                  double log_1m_beta, double token_clip,
+                                                  double beta, double token_clip,
                                                   int64_t mode, bool clip,
                                                   int64_t ignore_index) {
   check_inputs(student, teacher, labels);
@@ -333,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> renio_fwd_grad(const at::Tensor& student,
       at::empty({6, student.size(0), student.size(1)}, student.options().dtype(at::kFloat));
   bool fresh = false;
   at::Tensor grad = empty_grad(student.sizes(), student.scalar_type(), &fresh);
-  const DivParams p = div_params(inv_tau, beta, log_beta, log_1m_beta, token_clip);
+  const DivParams p = div_params(inv_tau, beta, token_clip);
   pick<FwdGradFn, FwdGradRows>(mode, clip)(student, teacher, labels, p, ignore_index, out, grad,
                                            fresh);
   return {out, grad};
@@ -378,7 +378,7 @@ void renio_scale_grad(const at::Tensor& grad, const at::Tensor& scale, const at:
 TORCH_LIBRARY_FRAGMENT(renio_kernels_cpu, m) {
   m.def(
       "renio_fwd_grad(Tensor student, Tensor teacher, Tensor labels, float inv_tau, float beta, "
-      "float log_beta, float log_1m_beta, float token_clip, int mode, bool clip, "
+      "float token_clip, int mode, bool clip, "
       "int ignore_index) -> (Tensor, Tensor)");
   m.def("renio_scale_grad(Tensor(a!) grad, Tensor scale, Tensor labels, int ignore_index) -> ()");
 }

@@ -18,7 +18,7 @@
 // torch.abs uses) and where ps - pt is NaN (as the Triton kernel; the term itself stays NaN).
 //
 // Vectors are at::vec::Vectorized<float> (16 lanes under AVX-512, 8 under AVX2); exp is the inlined
-// polynomial vexp below, log1p (JSD only) the Sleef routine libtorch exports.
+// polynomial vexp below, log (JSD only) the Sleef routine libtorch exports.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -64,8 +64,6 @@ constexpr bool nonnegative_terms(int mode) { return mode == kJSD; }
 struct DivParams {
   float inv_tau;
   float beta;
-  float log_beta;
-  float log_1m_beta;
   float clip;
 };
 
@@ -142,14 +140,6 @@ inline Vec clamp_keep_nan(const Vec& e, const Vec& hi) {
 #endif
 }
 
-// mx + log1p(exp(mn - mx)) with mx = max(x, y): log(exp(x) + exp(y)) without overflow; -inf when
-// both are -inf (where the unguarded form gives NaN); NaN when either is NaN.
-inline Vec logaddexp(const Vec& x, const Vec& y) {
-  const Vec mx = at::vec::maximum(x, y);
-  const Vec mn = at::vec::minimum(x, y);
-  return where(mx == Vec(kNegInf), mx, mx + vexp(mn - mx).log1p());
-}
-
 // e (clamped when kClip) and de/dls (gated when kClip) for one vector, from the log-probabilities
 // and the probabilities ps = exp(ls), pt = exp(lt) (a mode reads only those reads_ps / reads_pt
 // allow).
@@ -165,7 +155,13 @@ inline void divergence_from_probs(const Vec& ls, const Vec& lt, const Vec& ps, c
     e = ps * diff;
     de = ps * (diff + Vec(1.0f));
   } else if constexpr (kMode == kJSD) {
-    const Vec log_m = logaddexp(ls + Vec(p.log_1m_beta), lt + Vec(p.log_beta));
+    // log m = mx + log(w_big + w_small * exp(-|ls - lt|)), mx = max(ls, lt): one rounding at the
+    // scale of |log m|. A log-add-exp of ls + log(1 - beta) and lt + log(beta) would also round
+    // those sums (about 3x the error); log((1 - beta) ps + beta pt) would underflow to -inf where
+    // both probabilities are subnormal and make a finite term infinite.
+    const Vec w_big = where(ls >= lt, Vec(1.0f - p.beta), Vec(p.beta));
+    const Vec r = vexp(Vec(0.0f) - (ls - lt).abs());
+    const Vec log_m = at::vec::maximum(ls, lt) + at::vec::fmadd(Vec(1.0f) - w_big, r, w_big).log();
     const Vec s_term = guarded(ps, ls - log_m);
     e = at::vec::fmadd(Vec(p.beta), guarded(pt, lt - log_m), Vec(1.0f - p.beta) * s_term);
     de = Vec(1.0f - p.beta) * s_term;

@@ -71,14 +71,20 @@ struct OnlineLse {
   void add(float tile_sum) { z += tile_sum; }
 };
 
-// A row's log-probabilities are formed as (x - anchor) - lse, with anchor the row's first logit
-// (divided by tau) when finite, else 0, and lse the log-sum-exp minus the anchor: x - anchor is
-// exact for logits that share a large constant, and lse is small, so the digits survive any shift
-// of the logits (x - (max + log z) would round max + log z at the constant's scale). The backward
-// recomputes the same anchor from the row.
-inline float row_anchor(const void* row, c10::ScalarType type, float inv_tau) {
-  const float a = load_scalar(row, type, 0) * inv_tau;
-  return a - a == 0.0f ? a : 0.0f;  // inf and NaN give 0
+// A row's log-probabilities are formed as (x - anchor) - lse, with anchor the largest of the row's
+// first kAnchorColumns logits (divided by tau; 0 when not finite) and lse the log-sum-exp minus
+// the anchor. The anchor is near the row's max, so max - anchor is exact (same sign, within a
+// factor 2) and lse keeps the digits of log z: (x - max) - log z in all but name, and shift-
+// invariant (x - (max + log z) would round max + log z at the scale of a constant on the logits).
+// The backward recomputes the anchor from the row. renio_kernels/ops/rows.py defines the same.
+constexpr int64_t kAnchorColumns = 64;
+
+inline float row_anchor(const void* row, c10::ScalarType type, float inv_tau, int64_t vocab) {
+  float a = kNegInf;
+  for (int64_t j = 0; j < std::min(vocab, kAnchorColumns); ++j) {
+    a = std::max(a, load_scalar(row, type, j) * inv_tau);  // a NaN is skipped (the row is NaN)
+  }
+  return a - a == 0.0f ? a : 0.0f;  // -inf (all -inf) and inf give 0
 }
 
 // Per-row forward results, in the order of the (6, B, T) stats output; ignored rows keep zeros.
@@ -177,10 +183,9 @@ inline void check_inputs(const at::Tensor& student, const at::Tensor& teacher,
               "renio cpu: labels must be int64 or int32");
 }
 
-inline DivParams div_params(double inv_tau, double beta, double log_beta, double log_1m_beta,
+inline DivParams div_params(double inv_tau, double beta,
                             double clip) {
-  return {static_cast<float>(inv_tau), static_cast<float>(beta), static_cast<float>(log_beta),
-          static_cast<float>(log_1m_beta), static_cast<float>(clip)};
+  return {static_cast<float>(inv_tau), static_cast<float>(beta), static_cast<float>(clip)};
 }
 
 }  // namespace renio

@@ -10,7 +10,6 @@ kernels that read it, with no change above this layer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -70,13 +69,14 @@ class DivergenceParams:
     def inv_tau(self) -> float:
         return 1.0 / float(self.temperature)
 
-    @property
-    def log_beta(self) -> float:
-        return math.log(self.beta) if 0.0 < self.beta < 1.0 else 0.0
 
-    @property
-    def log_1m_beta(self) -> float:
-        return math.log1p(-self.beta) if 0.0 < self.beta < 1.0 else 0.0
+# A row's anchor is the largest of its first ANCHOR_COLUMNS logits / tau (0 when not finite). It is
+# near the row's max, so max - anchor is exact (same sign, within a factor 2) and lse = log-sum-exp
+# - anchor keeps the digits of log z: log-probabilities (x - anchor) - lse are (x - max) - log z in
+# all but name, and a constant on the logits costs no digits (x - (max + log z) would round
+# max + log z at the constant's scale). The backward recomputes it from the row, so only lse is
+# stored. csrc/renio_cpu_rows.h (kAnchorColumns) uses the same number.
+ANCHOR_COLUMNS = 64
 
 
 class DenseTeacher(NamedTuple):
@@ -111,9 +111,8 @@ class RowStats(NamedTuple):
     """Per-row forward results, each ``(B, T)`` float32, 0 at ignored positions.
 
     ``lse_s``/``lse_t``: log-sum-exp of ``logits / tau`` (student; teacher's first Vs columns)
-    minus the row's anchor, its first column's ``logit / tau`` (0 when that is not finite). Every
-    backend forms log-probabilities as ``(logit / tau - anchor) - lse``, recomputing the anchor
-    from the row, so a constant added to all logits costs no digits.
+    minus the row's anchor (``ANCHOR_COLUMNS``). Every backend forms log-probabilities as
+    ``(logit / tau - anchor) - lse``, recomputing the anchor from the row.
     ``ls_x``/``lt_x``: log-probabilities of the sampled token. ``d``: divergence
     ``sum_v clamp(e_v)``. ``c``: ``C = sum_v c_v`` for the backward pass (None when not needed).
     """

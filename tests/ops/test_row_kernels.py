@@ -7,7 +7,7 @@ forgets to write shows up instead of passing on a lucky zero.
 import pytest
 import torch
 
-from renio_kernels.ops.rows import DenseTeacher, DivergenceParams
+from renio_kernels.ops.rows import ANCHOR_COLUMNS, DenseTeacher, DivergenceParams
 from renio_kernels.ops.torch.chunked import renio_bwd_torch, renio_fwd_torch, row_chunks
 from tests.helpers import DEVICE, HAS_CUDA, INTERPRET, make_inputs
 
@@ -26,15 +26,16 @@ def poison(monkeypatch):
 
 def _ref_rows(s, t, labels, params):
     """Per-row float64 values straight from the definitions (``lse`` relative to the row's
-    anchor, its first logit / tau: see ``ops.rows.RowStats``)."""
+    anchor, the largest of its first ``ANCHOR_COLUMNS`` logits / tau: ``ops.rows``)."""
     vocab = s.shape[-1]
     a = s.double() / params.temperature
     b = t[..., :vocab].double() / params.temperature
-    lse_s, lse_t = a.logsumexp(-1) - a[..., 0], b.logsumexp(-1) - b[..., 0]
+    an_s, an_t = (x[..., :ANCHOR_COLUMNS].amax(-1) for x in (a, b))
+    lse_s, lse_t = a.logsumexp(-1) - an_s, b.logsumexp(-1) - an_t
     valid = labels != params.ignore_index
     idx = labels.clamp(min=0).unsqueeze(-1)
-    ls_x = (a.gather(-1, idx).squeeze(-1) - a[..., 0] - lse_s) * valid
-    lt_x = (b.gather(-1, idx).squeeze(-1) - b[..., 0] - lse_t) * valid
+    ls_x = (a.gather(-1, idx).squeeze(-1) - an_s - lse_s) * valid
+    lt_x = (b.gather(-1, idx).squeeze(-1) - an_t - lse_t) * valid
     return lse_s * valid, lse_t * valid, ls_x, lt_x
 
 

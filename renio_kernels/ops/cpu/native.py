@@ -191,8 +191,6 @@ def _scalars(params: DivergenceParams) -> tuple:
     return (
         params.inv_tau,
         float(params.beta),
-        params.log_beta,
-        params.log_1m_beta,
         params.clip_value,
         _declared_divergences().index(params.divergence),
         params.clip_on,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from ... import config
-from ..rows import DivergenceParams, RowStats, check_scales, dense_logits
+from ..rows import ANCHOR_COLUMNS, DivergenceParams, RowStats, check_scales, dense_logits
 
 __all__ = ["renio_fwd_torch", "renio_bwd_torch", "row_chunks"]
 
@@ -36,8 +36,9 @@ def row_chunks(
 
 
 def _anchor(x: torch.Tensor) -> torch.Tensor:
-    """The rows' anchors (``triton.math._anchor``): first logit / tau when finite, else 0."""
-    first = x[..., :1]
+    """The rows' anchors (``ops.rows.ANCHOR_COLUMNS``): the largest of the first columns' logits /
+    tau, 0 when not finite."""
+    first = x[..., :ANCHOR_COLUMNS].amax(-1, keepdim=True)
     return torch.where(torch.isfinite(first), first, torch.zeros((), device=x.device))
 
 
@@ -76,7 +77,9 @@ def _terms(ls: torch.Tensor, lt: torch.Tensor, params: DivergenceParams, want_gr
         de = 0.5 * ps * torch.sign(diff) if want_grad else None
     else:
         beta = params.beta
-        log_m = torch.logaddexp(ls + params.log_1m_beta, lt + params.log_beta)
+        # log m with one rounding at its own scale, no underflow (see triton.math).
+        w_big = torch.where(ls >= lt, 1.0 - beta, beta)
+        log_m = torch.maximum(ls, lt) + torch.log(w_big + (1.0 - w_big) * (-(ls - lt).abs()).exp())
         s_term = ps * torch.where(ps == 0, zero, ls - log_m)
         t_term = pt * torch.where(pt == 0, zero, lt - log_m)
         e = beta * t_term + (1.0 - beta) * s_term

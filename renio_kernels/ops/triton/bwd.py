@@ -54,8 +54,6 @@ def _renio_bwd_kernel(
     # scalars
     inv_tau,
     beta,
-    log_beta,
-    log_1m_beta,
     token_clip,
     ignore_index,
     # constexprs
@@ -79,10 +77,10 @@ def _renio_bwd_kernel(
             tl.store(g_row + offs, zeros, mask=offs < V)
     else:
         lse_s = tl.load(lse_s_ptr + row)
-        an_s = _anchor(s_row, inv_tau)
+        an_s = _anchor(s_row, V, inv_tau)
         if HAS_DIV_GRAD:
             lse_t = tl.load(lse_t_ptr + row)
-            an_t = _anchor(t_row, inv_tau)
+            an_t = _anchor(t_row, V, inv_tau)
             c_sum = tl.load(c_ptr + row)
             gd = tl.load(gd_ptr + row).to(tl.float32) * inv_tau
         if HAS_SAMPLED_GRAD:
@@ -99,8 +97,6 @@ def _renio_bwd_kernel(
                     ls,
                     (b * inv_tau - an_t) - lse_t,
                     beta,
-                    log_beta,
-                    log_1m_beta,
                     token_clip,
                     DIVERGENCE,
                     CLIP,
@@ -146,8 +142,6 @@ def renio_bwd(student, teacher_input, labels, params: DivergenceParams, stats: R
         grad.stride(1),
         params.inv_tau,
         float(params.beta),
-        params.log_beta,
-        params.log_1m_beta,
         params.clip_value,
         params.ignore_index,
         DIVERGENCE=params.mode,

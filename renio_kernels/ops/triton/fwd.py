@@ -61,8 +61,6 @@ def _renio_fwd_kernel(
     # scalars
     inv_tau,
     beta,
-    log_beta,
-    log_1m_beta,
     token_clip,
     ignore_index,
     # constexprs
@@ -104,8 +102,8 @@ def _renio_fwd_kernel(
             z_t = z_t * tl.exp(m_t - safe_t) + tl.sum(tl.exp(b - safe_t), axis=0)
             m_s = new_m_s
             m_t = new_m_t
-        an_s = _anchor(s_row, inv_tau)
-        an_t = _anchor(t_row, inv_tau)
+        an_s = _anchor(s_row, V, inv_tau)
+        an_t = _anchor(t_row, V, inv_tau)
         lse_s = (tl.where(m_s == float("-inf"), 0.0, m_s) - an_s) + tl.log(z_s)
         lse_t = (tl.where(m_t == float("-inf"), 0.0, m_t) - an_t) + tl.log(z_t)
 
@@ -129,8 +127,6 @@ def _renio_fwd_kernel(
                     (a * inv_tau - an_s) - lse_s,
                     (b * inv_tau - an_t) - lse_t,
                     beta,
-                    log_beta,
-                    log_1m_beta,
                     token_clip,
                     DIVERGENCE,
                     CLIP,
@@ -193,8 +189,6 @@ def renio_fwd(student, teacher_input, labels, params: DivergenceParams, *, with_
             labels.stride(1),
             params.inv_tau,
             float(params.beta),
-            params.log_beta,
-            params.log_1m_beta,
             params.clip_value,
             params.ignore_index,
             DIVERGENCE=params.mode,

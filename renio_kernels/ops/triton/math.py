@@ -12,7 +12,7 @@ bounds, as ``torch.clamp``'s gradient). Each JSD term is >= 0 in exact arithmeti
 inequality), so its lower bound is only ever crossed by rounding noise where ``ps ~ pt``; gating
 on it would drop a gradient that exact arithmetic keeps, so for the JSD only the upper bound
 gates (this matches the float64 reference far better than a literal fp32 clamp).
-``log m`` is a guarded log-add-exp, finite whenever one side is.
+``log m`` is ``max(ls, lt) + log(w_big + w_small exp(-|ls - lt|))``, finite whenever one side is.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import triton
 import triton.language as tl
 
 from ..divergences import DIVERGENCES
+from ..rows import ANCHOR_COLUMNS
+
+_ANCHOR_COLUMNS = tl.constexpr(ANCHOR_COLUMNS)
 
 _FORWARD_KL = tl.constexpr(DIVERGENCES["forward_kl"].mode)
 _REVERSE_KL = tl.constexpr(DIVERGENCES["reverse_kl"].mode)
@@ -29,19 +32,10 @@ _TVD = tl.constexpr(DIVERGENCES["tvd"].mode)
 
 
 @triton.jit
-def _logaddexp(x, y):
-    mx = tl.maximum(x, y)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx_safe + tl.log(tl.exp(x - mx_safe) + tl.exp(y - mx_safe))
-
-
-@triton.jit
 def _divergence_terms(
     ls,
     lt,
     beta,
-    log_beta,
-    log_1m_beta,
     token_clip,
     DIVERGENCE: tl.constexpr,
     CLIP: tl.constexpr,
@@ -62,7 +56,13 @@ def _divergence_terms(
         # sign(ps - pt) * ps / 2: the subgradient 0 at exact ties
         de = tl.where(diff > 0.0, 0.5 * ps, tl.where(diff < 0.0, -0.5 * ps, 0.0))
     else:
-        log_m = _logaddexp(ls + log_1m_beta, lt + log_beta)
+        # log m = mx + log(w_big + w_small * exp(-|ls - lt|)), mx = max(ls, lt): one rounding at
+        # the scale of |log m|. A log-add-exp of ls + log(1 - beta) and lt + log(beta) would also
+        # round those sums (about 3x the error); log((1 - beta) ps + beta pt) would underflow to
+        # -inf where both probabilities are subnormal and make a finite term infinite.
+        mx = tl.maximum(ls, lt)
+        w_big = tl.where(ls >= lt, 1.0 - beta, beta)
+        log_m = mx + tl.log(w_big + (1.0 - w_big) * tl.exp(-tl.abs(ls - lt)))
         s_term = ps * tl.where(ps == 0.0, 0.0, ls - log_m)
         t_term = pt * tl.where(pt == 0.0, 0.0, lt - log_m)
         e = beta * t_term + (1.0 - beta) * s_term
@@ -78,12 +78,13 @@ def _divergence_terms(
 
 
 @triton.jit
-def _anchor(row_ptr, inv_tau):
-    """The row's anchor: its first logit / tau when finite, else 0. Log-probabilities are formed
-    as ``(a - anchor) - lse`` with ``lse`` stored relative to the anchor, so they keep their
-    digits when every logit carries a large constant (``a - (max + log z)`` would round
-    ``max + log z`` at the constant's scale)."""
-    a0 = tl.load(row_ptr).to(tl.float32) * inv_tau
+def _anchor(row_ptr, V, inv_tau):
+    """The row's anchor (``ops.rows.ANCHOR_COLUMNS``): the largest of its first columns' logits /
+    tau, 0 when not finite. Log-probabilities are ``(a - anchor) - lse`` with ``lse`` stored
+    relative to the anchor."""
+    cols = tl.arange(0, _ANCHOR_COLUMNS)
+    x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_tau
+    a0 = tl.max(x, axis=0)
     return tl.where(a0 - a0 == 0.0, a0, 0.0)
 
 
