@@ -40,6 +40,7 @@ unsharding) fire. Neither sharded path could be run here (CPU only, no DeepSpeed
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -140,24 +141,81 @@ def renio_distillation_loss(
             when both models pass that check (see the module docstring).
         logits_to_keep: score only the last ``logits_to_keep`` positions (all completion tokens
             must lie there, e.g. the completion width with right-padded completions); saves
-            the lm_head work on the prompt.
+            the lm_head work on the prompt. A window that would drop a completion label is a
+            ValueError naming the completion width (one host sync).
         ema_state: the running mean for ``weight_norm="ema"`` (see ``renio_loss``).
         return_stats, backend, check_labels: as in ``renio_loss``.
 
     Returns:
         The micro-batch loss (weights normalized within this batch), or ``(loss, stats)``.
     """
+    return _distillation_loss(
+        student,
+        teacher,
+        input_ids,
+        attention_mask,
+        completion_mask,
+        options=options,
+        fused_linear=fused_linear,
+        logits_to_keep=logits_to_keep,
+        ema_state=ema_state,
+        return_stats=return_stats,
+        backend=backend,
+        check_labels=check_labels,
+        keep_name="logits_to_keep",
+    )
+
+
+def _keep_last(labels: torch.Tensor, keep: int, ignore_index: int, name: str) -> torch.Tensor:
+    """``labels[:, -keep:]``; ValueError (naming the argument ``name``) when that would drop a
+    completion label: every label left of the kept window must be ``ignore_index``."""
+    width = labels.shape[1]
+    try:
+        valid = not isinstance(keep, bool) and 0 < operator.index(keep) <= width
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"{name} must be an int in [1, {width}] (sequence length - 1), got {keep!r}"
+        )
+    keep = operator.index(keep)
+    dropped = labels[:, : width - keep] != ignore_index  # read back once: a host sync
+    if bool(dropped.any()):
+        first = int(dropped.any(0).int().argmax())  # leftmost column holding a completion label
+        needed = width - first
+        raise ValueError(
+            f"{name}={keep} scores only the last {keep} positions, but the completion labels "
+            f"span the last {needed} (completion width {needed}): {int(dropped.sum())} "
+            f"completion label(s) would be silently dropped. Pass {name} >= {needed} (the "
+            f"completion width: the padded completion length when every completion starts "
+            f"right after its prompt), or {name}=None to score every position"
+        )
+    return labels[:, -keep:]
+
+
+def _distillation_loss(
+    student,
+    teacher,
+    input_ids,
+    attention_mask,
+    completion_mask,
+    *,
+    options,
+    fused_linear,
+    logits_to_keep,
+    ema_state,
+    return_stats,
+    backend,
+    check_labels,
+    keep_name: str,
+):
+    """``renio_distillation_loss``; ``keep_name`` is how errors name ``logits_to_keep``."""
     opts = options or ReNIOOptions()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     labels = completion_labels(input_ids, completion_mask, opts.ignore_index)
     if logits_to_keep is not None:
-        if not 0 < logits_to_keep <= labels.shape[1]:
-            raise ValueError(
-                f"logits_to_keep must be in [1, {labels.shape[1]}] (sequence length - 1), "
-                f"got {logits_to_keep}"
-            )
-        labels = labels[:, -logits_to_keep:]
+        labels = _keep_last(labels, logits_to_keep, opts.ignore_index, keep_name)
     s_inner, t_inner = _unwrap(student), _unwrap(teacher)
 
     def student_side():
@@ -210,7 +268,7 @@ class ReNIOTrainerMixin:
             )
         if self.renio_options.weight_norm == "ema" and self.renio_ema_state is None:
             self.renio_ema_state = torch.full((), float("nan"), device=inputs["input_ids"].device)
-        loss = renio_distillation_loss(
+        loss = _distillation_loss(
             model,
             self.teacher_model,
             inputs["input_ids"],
@@ -220,5 +278,9 @@ class ReNIOTrainerMixin:
             fused_linear=self.renio_fused_linear,
             logits_to_keep=self.renio_logits_to_keep,
             ema_state=self.renio_ema_state,
+            return_stats=False,
+            backend="auto",
+            check_labels=True,
+            keep_name="renio_logits_to_keep",
         )
         return (loss, None) if return_outputs else loss

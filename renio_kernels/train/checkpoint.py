@@ -7,6 +7,8 @@ written to a temporary directory and renamed into place, so a crash never leaves
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 from pathlib import Path
@@ -14,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "clean_partial_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 
 def rng_state() -> dict:
@@ -43,6 +52,60 @@ def _trainable_state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
 
 
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    # torch.save to a path reports a failed write as "[enforce fail at inline_container.cc...]
+    # ... unexpected pos" or "file write failed", without the errno.
+    return "No space left" in text or "inline_container" in text or "file write failed" in text
+
+
+def _free_space(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    return f"{free / 2**20:.1f} MiB"
+
+
+def _save(obj, path: Path) -> None:
+    """``torch.save`` through a Python file (so a failed write is an OSError with its errno),
+    flushed to disk before the checkpoint directory is renamed into place."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_failed(err: BaseException, tmp: Path, step: int) -> Exception:
+    root = tmp.parent
+    where = f"{root} ({_free_space(root)} free there)"
+    kept = "the checkpoints already in that directory are intact; --resume RUN continues from "
+    kept += "the newest"
+    if _disk_full(err):
+        message = (
+            f"the disk is full: checkpoint step-{step:06d} could not be written to {where}. The "
+            f"half-written checkpoint was removed and {kept}. Free some space (or lower "
+            f"--keep-checkpoints), then resume. ({type(err).__name__}: {err})"
+        )
+        return OSError(errno.ENOSPC, message)
+    return OSError(
+        getattr(err, "errno", None) or errno.EIO,
+        f"checkpoint step-{step:06d} could not be written to {where}: "
+        f"{type(err).__name__}: {err}. The half-written checkpoint was removed and {kept}",
+    )
+
+
+def clean_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Remove ``checkpoints/.tmp-step-*``: checkpoints a killed run was still writing (never
+    picked by ``--resume``). Returns what was removed."""
+    stale = sorted(Path(run_dir, "checkpoints").glob(".tmp-step-*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -56,26 +119,37 @@ def save_checkpoint(
     ema_state,
     keep: int,
 ) -> Path:
+    """Write ``RUN/checkpoints/step-N`` through ``.tmp-step-N`` renamed into place, so a crash
+    or a full disk never leaves a half checkpoint under a name ``--resume`` picks. A failed
+    write removes the temporary directory and raises an OSError that says where and why (the
+    disk is full: ``errno.ENOSPC``)."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            raise _write_failed(err, tmp, step) from err
     barrier()
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        torch.save(
-            {
-                "step": step,
-                "world_size": world,
-                "model": _trainable_state(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "ema_state": ema_state.clone(),
-            },
-            tmp / "state.pt",
-        )
+    try:
+        _save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        if rank == 0:
+            _save(
+                {
+                    "step": step,
+                    "world_size": world,
+                    "model": _trainable_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "ema_state": ema_state.clone(),
+                },
+                tmp / "state.pt",
+            )
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(err, tmp, step) from err
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -113,11 +187,22 @@ def load_checkpoint(
             f"checkpoint {str(ckpt)!r} was written by {state['world_size']} process(es); resume "
             f"it with the same number (got {world}), or continuing would not be bit-for-bit"
         )
-    missing = set(_trainable_state(model)) - set(state["model"])
+    expected = _trainable_state(model)
+    missing = set(expected) - set(state["model"])
     if missing:
         raise ValueError(
             f"checkpoint {str(ckpt)!r} does not match this model (e.g. missing "
             f"{sorted(missing)[:2]}); resume with the run's own config"
+        )
+    resized = [
+        k for k, v in state["model"].items() if k in expected and v.shape != expected[k].shape
+    ]
+    if resized:
+        k = resized[0]
+        raise ValueError(
+            f"checkpoint {str(ckpt)!r} does not match this model ({len(resized)} weight(s) of "
+            f"another shape, e.g. {k}: {tuple(state['model'][k].shape)} in the checkpoint, "
+            f"{tuple(expected[k].shape)} here); resume with the run's own --student"
         )
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])

@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.options import ReNIOOptions, option_fields
+from ..ops.backends import BACKENDS
 from .models import ASSETS
 from .tasks import DEFAULT_PROMPT, DEFAULT_TEACHER_PROMPT
 
-__all__ = ["TrainConfig", "parse_config", "loss_options"]
+__all__ = ["TrainConfig", "given_values", "loss_options", "parse_config", "typed_value"]
 
 MODES = ("opd", "opsd")
 OBJECTIVES = ("renio", "opd", "sampled-reverse-kl")
@@ -74,7 +76,9 @@ class _RunSettings:
             "full logits); logits: the model's logits",
         },
     )
-    backend: str = field(default="auto", metadata={"help": "loss backend: auto|triton|torch|cpu"})
+    backend: str = field(
+        default="auto", metadata={"choices": BACKENDS, "help": "loss backend (row kernels)"}
+    )
     # models and data
     student: str = str(ASSETS / "student")
     teacher: str = str(ASSETS / "teacher")
@@ -154,9 +158,43 @@ class _RunSettings:
         for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("eval_problems", "eval_every", "save_every", "warmup_steps", "lora_r"):
+        for name in (
+            "eval_problems",
+            "eval_every",
+            "save_every",
+            "warmup_steps",
+            "lora_r",
+            "keep_checkpoints",
+            "top_k",
+        ):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1 (or none: the default), got {self.threads}")
+        if self.lora_r > 0 and self.lora_alpha <= 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        for name, low, high in (
+            ("lr", 0.0, math.inf),
+            ("max_grad_norm", 0.0, math.inf),
+        ):
+            value = getattr(self, name)
+            if not low < value < high:
+                raise ValueError(f"--{name.replace('_', '-')} must be finite and > 0, got {value}")
+        for name, low, high in (
+            ("weight_decay", 0.0, math.inf),
+            ("min_lr_ratio", 0.0, 1.0),
+            ("lora_dropout", 0.0, 1.0),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high or (name == "lora_dropout" and value == 1.0):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be in [{low:g}, {high:g}"
+                    f"{')' if name == 'lora_dropout' else ']'}, got {value}"
+                )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.objective == "renio" and self.use_renio is False:
             raise ValueError(
                 "--objective renio with --use-renio false is plain OPD: use --objective opd"
@@ -166,8 +204,10 @@ class _RunSettings:
         loss_options(self)  # the loss's own checks, before any run directory exists
         if not (0 < self.top_p <= 1):
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.sample_temperature <= 0:
-            raise ValueError("--sample-temperature must be > 0")
+        if not 0 < self.sample_temperature < math.inf:
+            raise ValueError(
+                f"--sample-temperature must be finite and > 0, got {self.sample_temperature}"
+            )
         if self.compare:
             names = self.compare_objectives()
             bad = [n for n in names if n not in OBJECTIVES]
@@ -245,6 +285,69 @@ _FIELD_TYPES = {
     "bool": _bool,
     "bool | None": _optional(_bool),
 }
+_EXPECTED = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def typed_value(name: str, value, where: str):
+    """``value`` of the key ``name`` read from a file (``where``), typed and checked as its flag.
+
+    Strings go through the flag's own parser (so ``"2"``, ``"5e-4"`` (YAML 1.1 reads that as a
+    string), ``"false"`` and ``"none"`` mean what they mean on the command line); YAML/JSON
+    numbers and booleans must already have the flag's type (an integer for an int key, a number
+    for a float key, true/false for a bool key). ValueError naming the key, the value and the
+    expected type otherwise, or when the value is not one of the flag's choices.
+    """
+    f = _fields()[name]
+    kind = str(f.type)
+    base, optional = kind.split(" |")[0], kind.endswith("| None")
+    expected = _EXPECTED[base] + (" or null" if optional else "")
+
+    def bad():
+        return ValueError(
+            f"{where}: key {name!r}: expected {expected}, got {value!r} ({type(value).__name__})"
+        )
+
+    if value is None:
+        if not optional:
+            raise bad()
+        out = None
+    elif isinstance(value, str):
+        try:
+            out = _FIELD_TYPES[kind](value)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise bad() from None
+    elif isinstance(value, bool):
+        if base != "bool":
+            raise bad()
+        out = value
+    elif isinstance(value, int):
+        if base == "float":
+            out = float(value)
+        elif base == "int":
+            out = value
+        elif base == "bool" and value in (0, 1):
+            out = bool(value)
+        elif base == "str":
+            out = str(value)
+        else:
+            raise bad()
+    elif isinstance(value, float):
+        if base == "float":
+            out = value
+        elif base == "str":
+            out = str(value)
+        else:
+            raise bad()
+    else:
+        raise bad()
+    choices = f.metadata.get("choices")
+    if choices and out is not None and out not in choices:
+        raise ValueError(f"{where}: key {name!r}: expected one of {tuple(choices)}, got {value!r}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_config_file(path: str | Path) -> dict:
+    """The typed values of a YAML or JSON config file (``typed_value`` for each key)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
@@ -289,7 +393,7 @@ def read_config_file(path: str | Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = _fields()
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -298,18 +402,25 @@ def read_config_file(path: str | Path) -> dict:
                 f"config file {str(path)!r}: unknown key {key!r}; the keys are the "
                 f"flag names, e.g. {sorted(known)[:6]}..."
             )
-        out[name] = value
+        out[name] = typed_value(name, value, f"config file {str(path)!r}")
     return out
 
 
-def parse_config(argv: list[str] | None) -> TrainConfig:
-    """Defaults, then the config file, then the flags given on the command line."""
-    ns = vars(build_parser().parse_args(argv))
+def given_values(argv: list[str] | None) -> dict:
+    """The values the user gave: the ``--config`` file's, then the flags on the command line
+    (typed; no defaults). A ``--resume`` lays exactly these over the run's saved config, so a
+    flag whose value equals its default still wins."""
+    ns = vars(build_parser().parse_args(argv))  # argument_default=SUPPRESS: only given flags
     values: dict = {}
     config_path = ns.pop("config", None)
     if config_path:
         values.update(read_config_file(config_path))
     values.update(ns)
-    cfg = TrainConfig(**values)
+    return values
+
+
+def parse_config(argv: list[str] | None) -> TrainConfig:
+    """Defaults, then the config file, then the flags given on the command line."""
+    cfg = TrainConfig(**given_values(argv))
     cfg.validate()
     return cfg

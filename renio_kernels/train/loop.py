@@ -9,12 +9,14 @@ Then the gradients are all-reduced across ranks, clipped, and AdamW steps under 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import random
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -22,13 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from .config import TrainConfig, loss_options, parse_config, read_config_file
+from ..ops.backends import resolve_backend
+from .checkpoint import (
+    clean_partial_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import TrainConfig, given_values, loss_options, read_config_file
 from .dist import DistInfo, all_gather_objects, allreduce_grads, init_distributed, shutdown
 from .distill import DistillLoss
 from .evaluate import evaluate
 from .generation import encode_prompts, sample
-from .metrics import MetricsWriter, auroc, peak_memory_mb, read_metrics
+from .metrics import MetricsWriter, auroc, peak_memory_mb, read_metrics, records_to_resume
 from .models import (
     check_vocab_compatible,
     load_model,
@@ -106,22 +115,82 @@ def _load_models(cfg: TrainConfig, device: torch.device):
     return tokenizer, student, teacher
 
 
-def _make_run_dir(cfg: TrainConfig, info: DistInfo, resuming: bool) -> Path:
-    run_dir = Path(cfg.out)
-    if not resuming and run_dir.exists() and any(run_dir.iterdir()):
+def _check_out(out: Path, resuming: bool) -> None:
+    """``--out`` can be (or become) a run directory: not a file, nor under one, and empty unless
+    the run is resumed there."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            what = "--out" if path == out else f"--out {str(out)!r}: its parent"
+            raise ValueError(
+                f"{what} {str(path)!r} is an existing file, not a directory: choose another "
+                "--out (a new or empty directory)"
+            )
+    if not resuming and out.is_dir() and any(out.iterdir()):
         raise FileExistsError(
-            f"run directory {str(run_dir)!r} exists and is not empty: choose another --out, "
-            f"or continue it with --resume {run_dir}"
+            f"run directory {str(out)!r} exists and is not empty: choose another --out, "
+            f"or continue it with --resume {out}"
         )
+
+
+def _make_run_dir(cfg: TrainConfig, info: DistInfo, resuming: bool) -> Path:
+    """Create (or, resuming, take over) the run directory: the first write of a run, after every
+    check has passed."""
+    run_dir = Path(cfg.out)
+    _check_out(run_dir, resuming)
     info.barrier()  # every rank has checked before rank 0 creates it
     if info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "COMPLETE").unlink(missing_ok=True)
         import yaml
 
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "COMPLETE").unlink(missing_ok=True)
+        for stale in clean_partial_checkpoints(run_dir):
+            print(f"removed {stale}: a checkpoint a stopped run had not finished", flush=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     info.barrier()
     return run_dir
+
+
+def _importable(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _preflight(cfg: TrainConfig, device: torch.device) -> None:
+    """Checks that need the device or the installed packages, before anything is loaded."""
+    if not _importable("yaml"):
+        raise ValueError("renio-train needs the pyyaml package (pip install pyyaml)")
+    if cfg.backend != "auto":
+        divergence = loss_options(cfg).divergence or "forward_kl"
+        try:
+            resolve_backend(cfg.backend, device, divergence)
+        except ValueError as err:
+            raise ValueError(f"--backend {cfg.backend}: {err}") from None
+    for flag, module, package in (
+        ("plots", "matplotlib", "matplotlib"),
+        ("progress", "tqdm", "tqdm"),
+    ):
+        if getattr(cfg, flag) and not _importable(module):
+            warnings.warn(
+                f"--{flag} needs the {package} package, which is not installed: running without "
+                f"(pip install {package}, or pass --{flag} false to silence this)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            setattr(cfg, flag, False)
+
+
+def _check_ignore_index(cfg: TrainConfig, student) -> None:
+    vocab = student.get_output_embeddings().weight.shape[0]
+    if 0 <= cfg.ignore_index < vocab:
+        raise ValueError(
+            f"--ignore-index {cfg.ignore_index} is a token id of the student's vocabulary "
+            f"(0..{vocab - 1}): every sampled occurrence of that token would be left out of the "
+            "loss. Use a negative value (the default is -100)"
+        )
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -186,6 +255,9 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     _quiet_transformers()
     if cfg.threads or device.type == "cpu":
         torch.set_num_threads(cfg.threads or 1)
+    # Everything that can fail on bad input runs before the run directory is created or, on
+    # --resume, touched (config.yaml, COMPLETE, metrics.jsonl).
+    _preflight(cfg, device)
     resume_ckpt = latest_checkpoint(Path(cfg.resume)) if cfg.resume else None
     if cfg.out is None:
         cfg.out = (
@@ -193,24 +265,24 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
             if resume_ckpt
             else f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.objective}"
         )
+    _check_out(Path(cfg.out), resuming=resume_ckpt is not None)
     seed = cfg.seed + 1000 * info.rank
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 (what libraries draw from)
     torch.manual_seed(seed)
     stream, held_out = _load_data(cfg)
     tokenizer, student, teacher = _load_models(cfg, device)
+    _check_ignore_index(cfg, student)
     if cfg.objective == "sampled-reverse-kl" and cfg.loss_impl == "fused-linear":
         _log(info, "note: the sampled reverse KL has no fused-linear form; using the logits path")
         cfg.loss_impl = "logits"
     loss_fn = DistillLoss(cfg, loss_options(cfg))
-    loss_fn.check_models(student, teacher)  # before the run directory exists
+    loss_fn.check_models(student, teacher)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    run_dir = _make_run_dir(cfg, info, resuming=resume_ckpt is not None)
-    writer = MetricsWriter(run_dir, cfg.tensorboard) if info.main else None
 
-    start_step = 0
+    start_step, kept_records = 0, None
     if resume_ckpt is not None:
         start_step, rng = load_checkpoint(
             resume_ckpt,
@@ -221,8 +293,19 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
             scheduler=scheduler,
             ema_state=loss_fn.ema_state,
         )
-        if writer:
-            writer.truncate_after(start_step)
+        if start_step > cfg.steps:
+            raise ValueError(
+                f"--resume {cfg.resume}: the checkpoint {str(resume_ckpt)!r} is at step "
+                f"{start_step}, past --steps {cfg.steps}; pass --steps {start_step} or more"
+            )
+        if info.main:
+            kept_records = records_to_resume(Path(cfg.out) / "metrics.jsonl", start_step)
+
+    run_dir = _make_run_dir(cfg, info, resuming=resume_ckpt is not None)
+    writer = MetricsWriter(run_dir, cfg.tensorboard) if info.main else None
+    if writer and kept_records is not None:
+        writer.replace(kept_records)
+    if resume_ckpt is not None:
         _log(info, f"resumed from {resume_ckpt} at step {start_step}")
     if start_step == 0 and cfg.eval_problems > 0:
         acc = _run_eval(student, tokenizer, held_out, cfg, info)
@@ -301,7 +384,15 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
         if cfg.plots:
             from .plots import make_plots
 
-            make_plots(run_dir, records)
+            try:
+                make_plots(run_dir, records)
+            except Exception as err:  # the run itself is done: a plot must not undo it
+                warnings.warn(
+                    f"the plots could not be made ({type(err).__name__}: {err}); the run is "
+                    "complete without them",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         (run_dir / "COMPLETE").write_text(datetime.now().isoformat() + "\n")
     info.barrier()
     return summary
@@ -505,22 +596,31 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(argv)
+def resolve_config(argv: list[str] | None) -> TrainConfig:
+    """The run's config: defaults < ``--config`` file < flags; with ``--resume``, the run's saved
+    ``config.yaml`` under the values given now (every given flag wins, even one equal to its
+    default). Reads only: nothing is written before the run starts."""
+    given = given_values(argv)
+    values = dict(given)
+    if given.get("resume"):
+        saved = Path(given["resume"])
+        run_dir = saved if (saved / "config.yaml").is_file() else saved.parent.parent
+        if (run_dir / "config.yaml").is_file():
+            values = {**read_config_file(run_dir / "config.yaml"), **given}
+            values["out"] = given.get("out", str(run_dir))  # continue in place by default
+    cfg = TrainConfig(**values)
+    cfg.validate()
     if cfg.resume and cfg.compare:
         raise ValueError(
             "--resume continues one run; resume each of a --compare's runs "
             "separately (RUN/<objective>)"
         )
-    if cfg.resume:
-        saved = Path(cfg.resume)
-        run_dir = saved if (saved / "config.yaml").is_file() else saved.parent.parent
-        if (run_dir / "config.yaml").is_file():
-            given = {k: v for k, v in vars(cfg).items() if v != getattr(TrainConfig(), k)}
-            merged = {**read_config_file(run_dir / "config.yaml"), **given}
-            merged["out"] = given.get("out", str(run_dir))  # continue in place by default
-            cfg = TrainConfig(**merged)
-            cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run ``renio-train`` with ``argv``; returns the summary (``summary.json``)."""
+    cfg = resolve_config(argv)
     if cfg.compare:
         return _compare(cfg)
     summary = run(cfg)

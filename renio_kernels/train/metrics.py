@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["MetricsWriter", "auroc", "peak_memory_mb", "read_metrics"]
+__all__ = ["MetricsWriter", "auroc", "peak_memory_mb", "read_metrics", "records_to_resume"]
 
 
 def auroc(scores: list[float], positive: list[bool]) -> float | None:
@@ -64,12 +66,12 @@ class MetricsWriter:
             except ImportError:  # tensorboard is optional
                 self.tb = None
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records a crashed run wrote after its last checkpoint."""
-        if not self.path.exists():
-            return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    def replace(self, records: list[dict]) -> None:
+        """Rewrite the file with ``records`` (on resume: ``records_to_resume``), atomically: a
+        crash while rewriting leaves the old file."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         record = {k: _clean(v) for k, v in record.items()}
@@ -85,5 +87,53 @@ class MetricsWriter:
             self.tb.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, *, torn_tail: str = "error") -> list[dict]:
+    """The records of a metrics.jsonl.
+
+    A line that is not a JSON object is a ValueError naming the file and line, except a torn
+    last line (a crash or a full disk mid-write) when ``torn_tail="drop"``: it is dropped with a
+    warning (on resume, where the records after the checkpoint are rewritten anyway).
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if torn_tail == "drop" and k == len(numbered) - 1:
+                warnings.warn(
+                    f"{path}:{i}: dropping a torn last line ({e}): the run stopped while "
+                    "writing it; the records after the checkpoint are written again",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                break
+            raise ValueError(
+                f"{path}:{i} is not a JSON record ({e}); fix or delete that line"
+            ) from None
+        records.append(record)
+    return records
+
+
+def records_to_resume(path: Path, step: int) -> list[dict]:
+    """The records of a run resumed from its step-``step`` checkpoint: everything written
+    before that checkpoint. Records of later steps go, and so does a final eval at ``step``
+    (written after the checkpoint, once the loop had ended): the resumed run writes its own.
+    A torn last line is dropped with a warning. Empty when there is no file yet."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    kept = [r for r in read_metrics(path, torn_tail="drop") if r.get("step", 0) <= step]
+    last_train = max(
+        (i for i, r in enumerate(kept) if r.get("kind") == "train" and r.get("step") == step),
+        default=None,
+    )
+    if last_train is None:
+        return kept
+    return kept[: last_train + 1] + [
+        r for r in kept[last_train + 1 :] if not (r.get("kind") == "eval" and r["step"] == step)
+    ]

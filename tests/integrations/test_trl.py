@@ -234,3 +234,22 @@ def test_a_new_option_needs_no_other_edit(monkeypatch, tmp_path):
     spec.loader.exec_module(fresh)
     args = fresh.ReNIODistillationConfig(output_dir=str(tmp_path), use_cpu=True, new_knob=0.5)
     assert args.renio_options().new_knob == 0.5
+
+
+def test_docs_config_snippet_builds_on_cpu(tmp_path, monkeypatch):
+    """docs/integrations.md's TRL snippet, up to the config, runs as written on a CPU-only
+    machine (TRL's default bf16=True raises there unless bf16 is off or use_cpu=True)."""
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("renio_kernels.integrations.trl", reason="needs trl")
+    doc = (Path(__file__).parents[2] / "docs" / "integrations.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    (snippet,) = [b for b in blocks if "ReNIODistillationConfig(" in b]
+    config_part = snippet.split("trainer = ")[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(config_part, "docs/integrations.md", "exec"), scope)
+    args = scope["args"]
+    assert args.renio_options().token_clip == 0.05
+    assert args.bf16 == torch.cuda.is_available()

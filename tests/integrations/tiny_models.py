@@ -77,3 +77,51 @@ def tiny_gemma2(seed: int, softcap: float | None = 30.0, hidden: int = 32, vocab
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     return model.float()
+
+
+def tiny_recurrent_gemma(seed: int, hidden: int = 32, vocab: int = VOCAB):
+    """A RecurrentGemma model with the config's default ``logits_soft_cap`` (30, as the released
+    models): its forward returns ``30 * tanh(logits / 30)``. Untied and with the head scaled as
+    in ``tiny_gemma2``, so the logits reach magnitudes where the cap shows."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    config = RecurrentGemmaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=3,  # recurrent, recurrent, attention
+        num_attention_heads=4,
+        lru_width=hidden,
+        attention_window_size=16,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = RecurrentGemmaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model.float()
+
+
+def tiny_xlstm(seed: int, vocab: int = VOCAB):
+    """An xLSTM model with the config's default ``output_logit_soft_cap`` (30). transformers 5.24
+    needs ``hidden_size * qk_dim_factor`` (0.5) to be a multiple of 64: hidden 128."""
+    from transformers import xLSTMConfig, xLSTMForCausalLM
+
+    config = xLSTMConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        num_hidden_layers=1,
+        num_heads=2,
+        chunk_size=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = xLSTMForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model.float()

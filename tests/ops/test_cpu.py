@@ -5,11 +5,16 @@ The first test to need the extension builds it (about 20-60 s on 2 cores, then c
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import os
 import shutil
+import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,6 +277,12 @@ def test_kernels_write_every_output(poisoned_empty, dtype):
         assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
 
 
+def fresh_process(monkeypatch):
+    """As if the extension had not been loaded yet in this process (restored afterwards)."""
+    monkeypatch.setitem(cpu._state, "lib", cpu._UNTRIED)
+    monkeypatch.setitem(cpu._state, "error", None)
+
+
 @pytest.fixture
 def without_extension(monkeypatch):
     """A fresh process on a machine where the build fails (no compiler)."""
@@ -279,12 +290,13 @@ def without_extension(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("simulated: c++ not found")
 
-    monkeypatch.setitem(cpu._state, "lib", cpu._UNTRIED)
+    fresh_process(monkeypatch)
+    monkeypatch.setenv("CXX", "/nonexistent/renio-test/c++")
     monkeypatch.setattr(cpu, "_build", no_compiler)
 
 
 def test_fallback_when_the_build_fails(without_extension):
-    with pytest.warns(RuntimeWarning, match="could not be built.*install a C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="could not be built.*no C\\+\\+ compiler.*install one"):
         assert backends.resolve_backend("auto", torch.device("cpu")).name == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
@@ -316,3 +328,185 @@ def test_build_lock_handling(tmp_path):
     cpu.wait_for_build_lock(tmp_path, stale_after_s=300.0)
     assert 0.9 <= time.monotonic() - t0 < 30
     releaser.join()
+
+
+# --- where the build lives, and read-only extension directories ---------------------------------
+
+
+def read_only(root: Path, monkeypatch) -> list[Path]:
+    """Make ``root`` read-only: chmod a-w (enough for a normal user) and, since root ignores
+    permission bits, every write, create, rename or delete under it fails with EROFS. Returns
+    the directories whose mode changed."""
+    root = root.resolve()
+    dirs = [root, *(p for p in root.rglob("*") if p.is_dir())]
+    for d in dirs:
+        d.chmod(0o555)
+
+    def under(path) -> bool:
+        if isinstance(path, int):
+            return False
+        try:
+            return Path(os.fsdecode(path)).resolve().is_relative_to(root)
+        except (TypeError, ValueError, OSError):
+            return False
+
+    def deny(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    real_os_open, real_open = os.open, io.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
+            deny(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if set(mode) & set("wax+") and under(file):
+            deny(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(builtins, "open", open_)
+
+    def guard(real):
+        def guarded(path, *args, **kwargs):
+            if under(path):
+                deny(path)
+            return real(path, *args, **kwargs)
+
+        return guarded
+
+    for name in ("mkdir", "rename", "replace", "unlink", "remove", "rmdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    return dirs
+
+
+@pytest.fixture
+def writable_again():
+    """Give tmp_path cleanup its permissions back."""
+    dirs: list[Path] = []
+    yield dirs
+    for d in dirs:
+        d.chmod(0o755)
+
+
+def test_read_only_directory_with_a_complete_build_is_used(tmp_path, monkeypatch, writable_again):
+    built = Path(cpu.load_extension()).parent  # this session's build, complete
+    root = tmp_path / "extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    copy = root / built.name
+    shutil.copytree(built, copy)
+    writable_again += read_only(root, monkeypatch)
+    fresh_process(monkeypatch)
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)  # it is loaded already
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: no lock, no write, no fallback
+        path = cpu.load_extension()
+    assert path == str(copy / f"{copy.name}.so")
+    assert loaded == [path]
+
+
+def test_read_only_directory_without_a_build_says_so(tmp_path, monkeypatch, writable_again):
+    root = tmp_path / "extensions"
+    root.mkdir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    writable_again += read_only(root, monkeypatch)
+    fresh_process(monkeypatch)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert cpu.load_extension() is None
+    (message,) = [str(w.message) for w in caught if "native CPU kernel" in str(w.message)]
+    assert "is not writable" in message and "TORCH_EXTENSIONS_DIR to a writable" in message
+    assert "install" not in message  # the compiler is there: not the advice to install one
+
+
+def test_an_incomplete_build_is_not_loaded(tmp_path):
+    built = Path(cpu.load_extension()).parent
+    assert cpu.complete_build(built) is not None
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)
+    library = copy / f"{copy.name}.so"
+    library.write_bytes(library.read_bytes()[:-1])  # e.g. a link cut short
+    assert cpu.complete_build(copy) is None
+    assert cpu.complete_build(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.parametrize(
+    "change", ["torch_path", "torch_config", "compiler", "python_abi", "flags", "sources"]
+)
+def test_build_name_keys_everything_that_changes_the_binary(change, monkeypatch, tmp_path):
+    """Two environments (another torch installation or build, compiler, Python) never share a
+    build directory; the same environment always finds its own."""
+    flags = cpu.build_flags()
+    before = cpu._build_name(flags)
+    assert cpu._build_name(cpu.build_flags()) == before
+    if change == "torch_path":  # the same torch version installed in another environment
+        other = "/other-env/lib/python3.11/site-packages/torch/__init__.py"
+        monkeypatch.setattr(torch, "__file__", other)
+    elif change == "torch_config":  # the same version built differently
+        monkeypatch.setattr(torch.__config__, "show", lambda: "PyTorch built with: other flags")
+    elif change == "compiler":
+        monkeypatch.setenv("CXX", "renio-test-clang++")
+    elif change == "python_abi":
+        monkeypatch.setattr(sys.implementation, "cache_tag", "cpython-399")
+    elif change == "flags":
+        flags = [*flags, "-g"]
+    else:
+        csrc = tmp_path / "csrc"
+        shutil.copytree(cpu.CSRC, csrc)
+        with open(csrc / cpu.SOURCES[0], "a") as f:
+            f.write("// edited\n")
+        monkeypatch.setattr(cpu, "CSRC", csrc)
+    assert cpu._build_name(flags) != before
+
+
+# --- fork ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
+def test_forked_child_with_one_thread_computes_the_loss():
+    """The package adds no fork hazard of its own: after multi-threaded loss calls in the parent
+    (native kernel, gradient cache), a forked child that follows docs/usage.md (one thread)
+    computes the same loss and gradient. (A child that keeps several threads can hang in
+    libgomp after any multi-threaded torch op: that hazard is torch's, documented there.)"""
+    s, t, labels = make_inputs(3, 5, 300)
+
+    def run(backend):
+        x = s.detach().clone().requires_grad_()
+        loss = renio_kernels.renio_loss(x, t, labels, backend=backend, beta=0.5, token_clip=0.3)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = {b: run(b) for b in ("cpu", "torch", "auto")}
+    finally:
+        torch.set_num_threads(threads)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 3
+        try:
+            torch.set_num_threads(1)
+            results = {b: run(b) for b in expected}
+            code = 0
+            for backend, (loss, grad) in results.items():
+                ref_loss, ref_grad = expected[backend]
+                if not (torch.allclose(loss, ref_loss) and torch.allclose(grad, ref_grad)):
+                    code = 1
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung computing the loss")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's loss differs or it raised"

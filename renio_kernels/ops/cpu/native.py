@@ -9,17 +9,30 @@ read each row in L1-sized fp32 tiles and write every output element themselves (
 that list.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja, OpenMP,
-``-O3`` plus the vector ISA torch itself dispatches to here: AVX-512, AVX2 or none). The build
-directory is named after a hash of the sources and flags, so an unchanged build is reused across
-processes (torch's extension root, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``)
-and an edited source gets a fresh one. When the build fails, ``load_extension()`` returns None
-after one warning and callers fall back to the torch backend.
+``-O3`` plus the vector ISA torch itself dispatches to here: AVX-512, AVX2 or none) into torch's
+extension root (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions/py<ver>_<accel>``).
+The build directory is named after a hash of everything that changes the binary
+(``build_identity``: sources, flags, the torch installation's path, version and build
+configuration, the compiler and its version, the Python ABI), so two environments never share or
+rebuild over one build, and an edited source gets a fresh one. A finished build is marked
+complete (``renio_build.json``: the library's size and hash); a complete build is loaded as is,
+without the build lock or any write, so a read-only extension directory that holds one works.
+When the build fails, ``load_extension()`` returns None after one warning that names the cause
+(no compiler, no ninja, a directory that is not writable, a compile error), and callers fall back
+to the torch backend.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 import time
 import warnings
 from pathlib import Path
@@ -41,7 +54,12 @@ __all__ = [
     "empty_grad_cache",
     "set_grad_cache",
     "build_flags",
+    "build_identity",
+    "build_directory",
+    "complete_build",
+    "extensions_root",
     "wait_for_build_lock",
+    "ExtensionDirNotWritable",
 ]
 
 # A source checkout (or editable install) compiles the repository's csrc/; a built wheel carries a
@@ -78,13 +96,144 @@ def build_flags() -> list[str]:
     return ["-O3", "-fopenmp", *isa]
 
 
-def _build_name(flags: list[str]) -> str:
-    digest = hashlib.sha256()
+_LDFLAGS = ("-fopenmp",)  # a tuple: cpp_extension.load appends to the list it is given
+_MARKER = "renio_build.json"
+
+
+def _compiler() -> str:
+    """The C++ compiler torch's extension builder runs (``$CXX``, else ``c++``)."""
+    return os.environ.get("CXX", "c++")
+
+
+@functools.cache
+def _compiler_identity(cxx: str) -> str:
+    path = shutil.which(cxx)
+    if path is None:
+        return f"{cxx}: not found"
+    try:
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as err:
+        version = f"unknown ({err})"
+    return f"{os.path.realpath(path)}\n{version}"
+
+
+def build_identity(flags: list[str]) -> dict[str, str]:
+    """Everything that changes the built binary; the build directory's name hashes it."""
+    sources = hashlib.sha256()
     for name in SOURCES + HEADERS:
-        digest.update((CSRC / name).read_bytes())
-    digest.update(" ".join(flags).encode())
-    digest.update(torch.__version__.encode())
+        sources.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    return {
+        "sources": sources.hexdigest(),
+        "flags": " ".join(flags) + " | " + " ".join(_LDFLAGS),
+        "torch_version": torch.__version__,
+        "torch_git": str(getattr(torch.version, "git_version", "")),
+        "torch_path": str(Path(torch.__file__).resolve().parent),
+        "torch_config": torch.__config__.show(),
+        "torch_cxx11_abi": str(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", "")),
+        "compiler": _compiler_identity(_compiler()),
+        "python_abi": " ".join(
+            (
+                sys.implementation.cache_tag or "",
+                str(sysconfig.get_config_var("EXT_SUFFIX")),
+                getattr(sys, "abiflags", ""),
+            )
+        ),
+    }
+
+
+def _build_name(flags: list[str]) -> str:
+    digest = hashlib.sha256(json.dumps(build_identity(flags), sort_keys=True).encode())
     return f"renio_cpu_{digest.hexdigest()[:16]}"
+
+
+def extensions_root() -> Path:
+    """torch's extension root (as ``cpp_extension`` lays it out), without creating it."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is not None:
+        return Path(root)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def build_directory(flags: list[str] | None = None) -> Path:
+    """Where this environment's build lives (``extensions_root() / _build_name(flags)``)."""
+    return extensions_root() / _build_name(build_flags() if flags is None else flags)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def complete_build(build_dir: Path) -> Path | None:
+    """The library of a finished build in ``build_dir`` (its marker matches the library's size
+    and hash), else None. Reads only."""
+    try:
+        marker = json.loads((build_dir / _MARKER).read_text())
+        library = build_dir / marker["library"]
+        if library.name != f"{build_dir.name}.so":
+            return None
+        if library.stat().st_size != marker["size"] or _file_digest(library) != marker["sha256"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return library
+
+
+def _mark_complete(build_dir: Path, library: Path, identity: dict) -> None:
+    record = {
+        "library": library.name,
+        "size": library.stat().st_size,
+        "sha256": _file_digest(library),
+        "identity": identity,
+    }
+    tmp = build_dir / f"{_MARKER}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, build_dir / _MARKER)
+    except OSError:  # unmarked: the next process goes through torch's (no-op) build again
+        tmp.unlink(missing_ok=True)
+
+
+class ExtensionDirNotWritable(OSError):
+    """The build directory cannot be written and holds no complete build."""
+
+
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _require_writable(build_dir: Path) -> None:
+    """Create ``build_dir`` and check that a file can be made there (the build writes its
+    objects and torch's lock file there); ExtensionDirNotWritable otherwise."""
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        probe = build_dir / f".renio-write-test-{os.getpid()}"
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
+        probe.unlink()
+    except OSError as err:
+        if err.errno not in _READ_ONLY:
+            raise
+        raise ExtensionDirNotWritable(
+            err.errno,
+            f"the extension directory {build_dir} is not writable ({os.strerror(err.errno)}) "
+            "and holds no complete build for this torch, compiler and source: set "
+            "TORCH_EXTENSIONS_DIR to a writable directory, or build once where it is writable "
+            "(python -c 'from renio_kernels.ops.cpu import native; native.load_extension()') "
+            "and then make it read-only",
+        ) from err
 
 
 # A build killed midway (Ctrl-C during the first call, a CI timeout) leaves torch's lock file in
@@ -125,28 +274,58 @@ def wait_for_build_lock(build_dir: Path, stale_after_s: float = STALE_LOCK_S) ->
 
 
 def _build(verbose: bool = False) -> str:
-    """Compile (or reuse) the extension and register its ops; returns the library path."""
+    """Load the complete build, or compile it and mark it complete; returns the library path."""
+    flags = build_flags()
+    identity = build_identity(flags)
+    build_dir = extensions_root() / _build_name(flags)
+    library = complete_build(build_dir)
+    if library is not None:  # no lock, no write: works in a read-only directory
+        torch.ops.load_library(str(library))
+        return str(library)
+    _require_writable(build_dir)
+    wait_for_build_lock(build_dir)
     from torch.utils import cpp_extension  # a slow import: only when building
 
-    flags = build_flags()
-    name = _build_name(flags)
-    build_dir = getattr(cpp_extension, "_get_build_directory", None)  # private: may go away
-    if build_dir is not None:
-        wait_for_build_lock(Path(build_dir(name, verbose)))
-    return cpp_extension.load(
-        name=name,
+    path = cpp_extension.load(
+        name=build_dir.name,
         sources=[str(CSRC / source) for source in SOURCES],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=list(flags),
+        extra_ldflags=list(_LDFLAGS),
+        build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
+    )
+    _mark_complete(build_dir, Path(path), identity)
+    return path
+
+
+def _failure_cause(exc: BaseException) -> str:
+    """What to do about a failed build, from its cause."""
+    if isinstance(exc, ExtensionDirNotWritable):
+        return str(exc.strerror)
+    if isinstance(exc, OSError) and exc.errno in _READ_ONLY:
+        return (
+            f"a file of the build could not be written ({exc}): set TORCH_EXTENSIONS_DIR to a "
+            "writable directory"
+        )
+    if shutil.which(_compiler()) is None:
+        return (
+            f"no C++ compiler ({_compiler()!r}, from $CXX or the default c++) was found: install "
+            "one with OpenMP (e.g. `apt-get install g++`) and ninja (`pip install ninja`), then "
+            "restart Python"
+        )
+    if "ninja" in str(exc).lower() and shutil.which("ninja") is None:
+        return "ninja is missing: `pip install ninja`, then restart Python"
+    return (
+        "the compiler is there but the build failed (a compile or link error, see the error "
+        "below and renio_kernels.ops.cpu.native.extension_error()); please report it"
     )
 
 
 def load_extension() -> str | None:
     """The built library's path, building it on the first call; None when it cannot be built.
 
-    The first failure warns once, saying how to get the fast path; later calls return None quietly.
+    The first failure warns once, with its cause and what to do; later calls return None quietly.
     """
     if _state["lib"] is _UNTRIED:
         try:
@@ -156,10 +335,9 @@ def load_extension() -> str | None:
             _state["error"] = f"{type(exc).__name__}: {str(exc).strip()[-600:]}"
             warnings.warn(
                 "renio_kernels: the native CPU kernel (csrc/) could not be built, so CPU tensors "
-                "use the slower chunked torch backend. For the fast path install a C++ compiler "
-                "with OpenMP and ninja (e.g. `apt-get install g++` and `pip install ninja`) and "
-                "restart Python; the build is cached under torch's extension directory "
-                f"($TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). Cause: {_state['error']}",
+                f"use the slower chunked torch backend. Cause: {_failure_cause(exc)}. The build "
+                "is cached under torch's extension directory ($TORCH_EXTENSIONS_DIR or "
+                f"~/.cache/torch_extensions). Error: {_state['error']}",
                 RuntimeWarning,
                 stacklevel=2,
             )
