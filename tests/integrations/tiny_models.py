@@ -5,31 +5,31 @@ from __future__ import annotations
 import torch
 
 VOCAB = 64
+TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
-def tiny_llama(seed: int, hidden: int = 32, vocab: int = VOCAB, tie: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _small(hidden: int, vocab: int, **extra) -> dict:
+    """The config fields every tiny transformer model here shares."""
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_attention_heads=4, **TOKENS, **extra)  # fmt: skip
 
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+
+def _build(model_cls, config, seed: int):
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     # Default init gives near-uniform logits; a larger head gives distributions with some shape,
     # so ReNIO's ratio threshold selects some tokens and the weights differ from 1.
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     return model.float()
+
+
+def tiny_llama(seed: int, hidden: int = 32, vocab: int = VOCAB, tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**_small(hidden, vocab), num_hidden_layers=2, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=tie)  # fmt: skip
+    return _build(LlamaForCausalLM, config, seed)
 
 
 def prompt_completion_batch(batch: int, prompt: int, completion: int, seed: int = 0):
@@ -58,25 +58,11 @@ def tiny_gemma2(seed: int, softcap: float | None = 30.0, hidden: int = 32, vocab
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     config = Gemma2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
+        **_small(hidden, vocab), num_hidden_layers=2, num_key_value_heads=2,
+        head_dim=hidden // 4, max_position_embeddings=64, tie_word_embeddings=False,
         final_logit_softcapping=softcap,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model.float()
+    )  # fmt: skip
+    return _build(Gemma2ForCausalLM, config, seed)
 
 
 def tiny_recurrent_gemma(seed: int, hidden: int = 32, vocab: int = VOCAB):
@@ -86,23 +72,10 @@ def tiny_recurrent_gemma(seed: int, hidden: int = 32, vocab: int = VOCAB):
     from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
     config = RecurrentGemmaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=3,  # recurrent, recurrent, attention
-        num_attention_heads=4,
-        lru_width=hidden,
-        attention_window_size=16,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = RecurrentGemmaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model.float()
+        **_small(hidden, vocab), num_hidden_layers=3,  # recurrent, recurrent, attention
+        lru_width=hidden, attention_window_size=16, tie_word_embeddings=False,
+    )  # fmt: skip
+    return _build(RecurrentGemmaForCausalLM, config, seed)
 
 
 def tiny_xlstm(seed: int, vocab: int = VOCAB):
@@ -110,18 +83,6 @@ def tiny_xlstm(seed: int, vocab: int = VOCAB):
     needs ``hidden_size * qk_dim_factor`` (0.5) to be a multiple of 64: hidden 128."""
     from transformers import xLSTMConfig, xLSTMForCausalLM
 
-    config = xLSTMConfig(
-        vocab_size=vocab,
-        hidden_size=128,
-        num_hidden_layers=1,
-        num_heads=2,
-        chunk_size=8,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = xLSTMForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model.float()
+    config = xLSTMConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=1, num_heads=2,
+                         chunk_size=8, **TOKENS)  # fmt: skip
+    return _build(xLSTMForCausalLM, config, seed)
