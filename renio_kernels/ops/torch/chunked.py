@@ -35,26 +35,30 @@ def row_chunks(
                 yield slice(b, b + 1), slice(t0, min(seq, t0 + rows))
 
 
-def _anchor(x: torch.Tensor) -> torch.Tensor:
+def _anchor(logits: torch.Tensor, inv_tau: float) -> torch.Tensor:
     """The rows' anchors (``ops.rows.ANCHOR_COLUMNS``): the largest of the first columns' logits /
-    tau, 0 when not finite."""
-    first = x[..., :ANCHOR_COLUMNS].amax(-1, keepdim=True)
-    return torch.where(torch.isfinite(first), first, torch.zeros((), device=x.device))
+    tau, 0 when not finite; ``(rows, 1)`` fp32."""
+    first = logits[..., :ANCHOR_COLUMNS].float().amax(-1, keepdim=True) * inv_tau
+    return torch.where(torch.isfinite(first), first, torch.zeros((), device=first.device))
 
 
 def _log_probs(
     logits: torch.Tensor, vocab: int, inv_tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log_softmax(logits[..., :vocab] / tau), lse)`` in fp32, ``lse`` the log-sum-exp minus
-    the rows' anchors; formed as ``(x - anchor) - lse`` so a constant on the logits costs no
-    digits."""
-    x = logits[..., :vocab].float() * inv_tau
-    m = x.amax(-1, keepdim=True)
-    m = torch.where(m == float("-inf"), torch.zeros((), device=x.device), m)
-    anchor = _anchor(x)
-    # A row that is -inf throughout has z = 0 and lse = -inf: NaN log-probabilities, as documented.
-    lse = (m - anchor) + torch.exp(x - m).sum(-1, keepdim=True).log()
-    return x.sub_(anchor).sub_(lse), lse.squeeze(-1)
+    """``(log_softmax(logits[..., :vocab] / tau), lse)`` in fp32: ``lse`` is the log-sum-exp of
+    ``logits / tau - anchor`` and the log-probabilities ``(logits / tau - anchor) - lse``, so a
+    constant on the logits costs no digits."""
+    logits = logits[..., :vocab]
+    x = (logits.float() * inv_tau).sub_(_anchor(logits, inv_tau))
+    # A row that is -inf throughout has lse = -inf: NaN log-probabilities, as documented.
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    return x.sub_(lse), lse.squeeze(-1)
+
+
+def _shifted(logits: torch.Tensor, inv_tau: float, lse: torch.Tensor) -> torch.Tensor:
+    """``(logits / tau - anchor) - lse``: the log-probabilities from a stored ``lse``, fp32."""
+    x = torch.add(-_anchor(logits, inv_tau), logits.float(), alpha=inv_tau)
+    return x.sub_(lse.unsqueeze(-1))
 
 
 def _terms(ls: torch.Tensor, lt: torch.Tensor, params: DivergenceParams, want_grad: bool):
@@ -146,14 +150,10 @@ def renio_bwd_torch(student, teacher_input, labels, params: DivergenceParams, st
     for bs, ts in row_chunks(batch, seq, vocab, chunk_elements):
         lab = labels[bs, ts]
         valid = lab != params.ignore_index
-        # ``.float()`` returns the caller's tensor itself for fp32 input: multiply out of place
-        # first, then work in place on the fresh copy only.
-        ls = student[bs, ts].float() * inv_tau
-        ls.sub_(_anchor(ls)).sub_(stats.lse_s[bs, ts].unsqueeze(-1))
+        ls = _shifted(student[bs, ts], inv_tau, stats.lse_s[bs, ts])
         g = torch.zeros_like(ls)
         if grad_d is not None:
-            lt = teacher[bs, ts, :vocab].float() * inv_tau
-            lt.sub_(_anchor(lt)).sub_(stats.lse_t[bs, ts].unsqueeze(-1))
+            lt = _shifted(teacher[bs, ts, :vocab], inv_tau, stats.lse_t[bs, ts])
             _, de, ps = _terms(ls, lt, params, want_grad=True)
             del lt
             scale = (grad_d[bs, ts].float() * inv_tau).unsqueeze(-1)
