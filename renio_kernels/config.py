@@ -17,7 +17,9 @@ __all__ = [
     "TRITON",
     "TORCH_CHUNK_ELEMENTS",
     "FUSED_LINEAR_CHUNK_ELEMENTS",
+    "FUSED_LINEAR_MAX_ROWS",
     "FUSED_LINEAR_MIN_ROWS",
+    "FUSED_LINEAR_TOTAL_ELEMENTS",
     "cpu_grad_in_forward",
     "cpu_grad_in_forward_enabled",
     "interpreting",
@@ -41,14 +43,27 @@ TRITON = TritonConfig()
 # temporary, about a dozen of which are live at once.
 TORCH_CHUNK_ELEMENTS = 1 << 21
 
-# The fused-linear loss takes tokens in chunks whose fp32 buffers (student and teacher logits, the
-# logits gradient, upcast hidden rows) hold about this many elements together, per device type.
-# CPU: 2^25 elements = 128 MiB, so the chunk buffers stay near 5% of one (4096 x 152k) fp32 logits
-# tensor. CUDA: 2^28 = 1 GiB, which gives ~580-row chunks at a 152k vocabulary: each chunk's GEMM
-# re-reads the whole weight, so rows per chunk is the matmul's arithmetic intensity.
+# The fused-linear loss takes tokens in chunks (``ops.linear.chunk_cap``). Rows per chunk is the
+# chunk matmuls' arithmetic intensity (each chunk re-reads the whole weight), so the chunks are as
+# large as memory allows: ``benchmarks/results/fused_linear_gemm.md`` measures GFLOP/s against
+# rows per chunk on the 2-core CPU (H = 256, fp32).
+#
+# FUSED_LINEAR_CHUNK_ELEMENTS: the chunk's fp32 buffers (student and teacher logits, the logits
+# gradient, hidden rows) get at least this many elements. CPU 2^25 = 128 MiB; CUDA 2^28 = 1 GiB,
+# ~580-row chunks at a 152k vocabulary (not measured: no GPU here).
 FUSED_LINEAR_CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
+# FUSED_LINEAR_TOTAL_ELEMENTS: or, where it leaves more, this many for the chunk buffers and the
+# two weight-sized fp32 accumulators together (the weight gradient and the one for a sequence
+# spanning chunks). CPU: 35 * 2^22 elements = 560 MiB, the most that keeps the loss's extra
+# memory under a quarter of one (4096 x 151936) fp32 logits tensor (593 MiB) at H = 256 with room
+# for the (tokens x H)-sized rest: 151 rows at V = 151936 (128 on sequence boundaries of T = 256),
+# 1024 at V = 32000, where the weight is small.
+FUSED_LINEAR_TOTAL_ELEMENTS = {"cpu": 35 << 22}
 # Fewer rows than this make the chunk GEMMs bandwidth-bound on the weight, whatever the budget says.
 FUSED_LINEAR_MIN_ROWS = 16
+# More rows than this per chunk gain nothing measurable: 1024 rows reach the matmul ceiling at
+# V = 32000 (200 GFLOP/s for the four chunk matmuls against 189 at 512 and 175 at 256).
+FUSED_LINEAR_MAX_ROWS = {"cpu": 1024, "cuda": 1 << 20}
 
 # The native CPU kernel forms the gradient through the divergence at unit scale in the forward,
 # while each row is in cache, when a backward can follow; the backward only scales it. 2 exps per
