@@ -1,17 +1,20 @@
 """GFLOP/s of the fused-linear loss's chunk matmuls against the rows per chunk (CPU, fp32).
 
-The sweep's four matmuls per chunk of ``rows`` tokens, as ``ops.linear`` calls them:
+The sweep's four matmuls per chunk of ``rows`` tokens, each timed through the loss's own GEMM
+entry (``ops.linear.Gemm``: oneDNN's linear for the first two where available, see
+``config.FUSED_LINEAR_CPU_ONEDNN``) and through plain ``torch.mm`` (MKL's sgemm) into a reused
+buffer:
 
-* logits: ``hidden[rows] @ W.T`` into a reused ``(rows, V)`` buffer (twice per chunk: student
-  and teacher);
+* logits: ``hidden[rows] @ W.T`` (twice per chunk: student and teacher);
 * grad_hidden: ``u @ W`` into the rows of the ``(N, H)`` result;
-* grad_weight: ``G.addmm_(u.T, s * hidden[rows])`` into the ``(V, H)`` fp32 accumulator.
+* grad_weight: ``G.addmm_(u.T, s * hidden[rows])`` into the ``(V, H)`` fp32 accumulator (MKL on
+  both lines: it accumulates in place).
 
 Each row count is timed in every round, the row counts interleaved within a round, and the
 median over rounds reported, so a load change on a shared machine hits every row count alike.
 Also reported: one pass over a weight-sized buffer (``G += c * O``, what closing a sequence that
 spans chunks costs when ``G`` already holds others). Writes a markdown table; the chunk-size
-policy in ``config`` (``FUSED_LINEAR_CHUNK_ELEMENTS``, ``FUSED_LINEAR_MAX_ROWS``) cites it.
+policy in ``config`` (``FUSED_LINEAR_TOTAL_PER_VOCAB``, ``FUSED_LINEAR_MAX_ROWS``) cites it.
 
     python benchmarks/fused_linear_gemm.py
     python benchmarks/fused_linear_gemm.py --vocab 32000 --rows 64,128,256 --rounds 3   # quick
@@ -32,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.runner import cpu_model, write_lines
+from renio_kernels.ops.linear import Gemm
 
 
 def load() -> str:
@@ -68,10 +72,13 @@ def scan(vocab: int, hidden: int, rows_list: list[int], rounds: int) -> list[str
     logits = torch.empty(longest, vocab)
     grad_h = torch.empty(longest, hidden)
     s = torch.rand(longest)
+    gemm = Gemm.for_operands(h, w)
     kinds = {
-        "logits": lambda r: torch.mm(h[:r], w.T, out=logits[:r]),
-        "grad_hidden": lambda r: torch.mm(u[:r], w, out=grad_h[:r]),
-        "grad_weight": lambda r: acc.addmm_(u[:r].T, h[:r] * s[:r, None]),
+        "logits": lambda r: gemm.mm(h[:r], w.T),
+        "logits mm": lambda r: torch.mm(h[:r], w.T, out=logits[:r]),
+        "grad_hidden": lambda r: gemm.mm(u[:r], w, out=grad_h[:r]),
+        "grad_hidden mm": lambda r: torch.mm(u[:r], w, out=grad_h[:r]),
+        "grad_weight": lambda r: gemm.addmm_(acc, u[:r].T, h[:r] * s[:r, None]),
     }
     times = {(k, r): [] for k in kinds for r in rows_list}
     merge = []
@@ -84,21 +91,27 @@ def scan(vocab: int, hidden: int, rows_list: list[int], rounds: int) -> list[str
             for k, fn in kinds.items():
                 times[(k, r)].append(_time(lambda fn=fn, r=r: fn(r)))
         merge.append(_time(lambda: acc.add_(other, alpha=0.5)))
+    path = "oneDNN" if gemm.onednn else "torch.mm"
     lines = [
         f"### V = {vocab}, H = {hidden}",
         "",
-        "| rows per chunk | logits GFLOP/s | grad_hidden GFLOP/s | grad_weight GFLOP/s | "
-        "all four (2 logits + 2 grads) GFLOP/s | ms per chunk (4 matmuls) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"GFLOP/s; the loss's GEMM entry ({path} for logits and grad_hidden, MKL addmm_ for "
+        "grad_weight) and plain torch.mm (MKL) into a reused buffer.",
+        "",
+        "| rows per chunk | logits | logits (torch.mm) | grad_hidden | grad_hidden (torch.mm) | "
+        "grad_weight | four per chunk (2 logits + 2 grads) | same, all torch.mm | "
+        "ms per chunk (ours) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows_list:
         flops = 2.0 * r * vocab * hidden
         med = {k: statistics.median(times[(k, r)]) for k in kinds}
-        total = 2 * med["logits"] + med["grad_hidden"] + med["grad_weight"]
+        ours = 2 * med["logits"] + med["grad_hidden"] + med["grad_weight"]
+        plain = 2 * med["logits mm"] + med["grad_hidden mm"] + med["grad_weight"]
+        cells = " | ".join(f"{flops / med[k] / 1e9:.0f}" for k in kinds)
         lines.append(
-            f"| {r} | {flops / med['logits'] / 1e9:.1f} | "
-            f"{flops / med['grad_hidden'] / 1e9:.1f} | {flops / med['grad_weight'] / 1e9:.1f} "
-            f"| {4 * flops / total / 1e9:.1f} | {total * 1e3:.1f} |"
+            f"| {r} | {cells} | {4 * flops / ours / 1e9:.0f} | {4 * flops / plain / 1e9:.0f} | "
+            f"{ours * 1e3:.1f} |"
         )
     return lines + [
         "",
@@ -130,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Machine: {cpu_model()}, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}. fp32. Median of {args.rounds} rounds, row counts interleaved. "
-        f"Before: {before}. After: {after}. The machine is shared; other processes' load shows "
-        "as noise. Produced by `python benchmarks/fused_linear_gemm.py`.",
+        f"Before: {before}. After: {after} (the load average includes this scan's own "
+        "threads). The machine is shared; other processes' load shows as noise. Produced by "
+        "`python benchmarks/fused_linear_gemm.py`.",
         "",
     ]
     write_lines(args.out, header + lines)

@@ -10,8 +10,7 @@ Between calls the cache holds at most two buffers (the last gradients' memory, w
 needs again). ``empty_cpu_grad_cache()`` hands them back to the OS (e.g. before an evaluation
 phase that needs the memory); ``set_cpu_grad_cache(False)``, or ``RENIO_CPU_GRAD_CACHE=0`` in the
 environment before the first call, turns the cache off. A gradient still alive is never touched:
-only freed buffers are cached. The same switches cover the two chunk-logits buffers the
-fused-linear loss keeps between calls on CPU (``ops.linear.ChunkBuffers``).
+only freed buffers are cached.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from __future__ import annotations
 import os
 
 from .ops.cpu import native as cpu
-from .ops.linear import chunk_buffers
 
 __all__ = ["cpu_grad_cache_info", "empty_cpu_grad_cache", "set_cpu_grad_cache"]
 
@@ -40,19 +38,14 @@ def cpu_grad_cache_info() -> dict[str, int | bool]:
 
 
 def empty_cpu_grad_cache() -> None:
-    """Return the cached gradient buffers (and the fused-linear loss's cached chunk buffers,
-    ``ops.linear.ChunkBuffers``) to the OS. Gradients still in use are unaffected."""
+    """Return the cached gradient buffers to the OS. Gradients still in use are unaffected."""
     cpu.empty_grad_cache()
-    chunk_buffers.empty()
 
 
 def set_cpu_grad_cache(enabled: bool) -> bool:
     """Turn the cache on or off (off also empties it); returns the previous setting."""
     if not isinstance(enabled, bool):
         raise TypeError(f"set_cpu_grad_cache(enabled) takes a bool, got {type(enabled).__name__}")
-    chunk_buffers.enabled = enabled
-    if not enabled:
-        chunk_buffers.empty()
     if cpu.load_extension() is None:
         return False
     return cpu.set_grad_cache(enabled)

@@ -347,12 +347,9 @@ def test_triton_backend_interpreter(use_renio):
 
 def test_plan_chunk_rows():
     cpu = torch.device("cpu")
-    # The chunk buffers get the chunk budget, or what the total leaves after the two (V, H) fp32
-    # accumulators when that is more.
-    budget = max(
-        rk.config.FUSED_LINEAR_CHUNK_ELEMENTS["cpu"],
-        rk.config.FUSED_LINEAR_TOTAL_ELEMENTS["cpu"] - 2 * 151936 * 256,
-    )
+    # On CPU the chunk buffers get what the per-vocabulary total leaves after the two (V, H) fp32
+    # accumulators.
+    budget = (rk.config.FUSED_LINEAR_TOTAL_PER_VOCAB["cpu"] - 2 * 256) * 151936
     for n_rows in (4096, 4097, 100_000):
         rows = plan_chunk_rows(n_rows, 151936, 256, 256, cpu)
         assert 16 <= rows and rows * (3 * 151936 + 512) <= budget

@@ -302,32 +302,6 @@ def test_compiled_equals_eager(make, kw, chunk_size):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_chunk_buffers_are_kept_and_released():
-    """The CPU sweep's logits buffers are kept for the next call; the public cache switches
-    release them."""
-    cache = linear_chunks.chunk_buffers
-    was, native_was = cache.enabled, None
-    try:
-        cache.enabled = True
-        cache.empty()
-        inputs = make_linear(batch=2, seq=5, ignore="none")
-        run_fused(*inputs, backend="torch", chunk_size=4)
-        kept = cache.cached_bytes()
-        assert kept == 2 * 4 * 37 * 4  # two (4, V) fp32 buffers
-        first = run_fused(*inputs, backend="torch", chunk_size=4)
-        assert cache.cached_bytes() == kept  # reused, not grown
-        rk.empty_cpu_grad_cache()
-        assert cache.cached_bytes() == 0
-        native_was = rk.set_cpu_grad_cache(False)
-        again = run_fused(*inputs, backend="torch", chunk_size=4)
-        assert cache.cached_bytes() == 0
-        torch.testing.assert_close(again, first, rtol=0, atol=0)
-    finally:
-        if native_was is not None:
-            rk.set_cpu_grad_cache(native_was)
-        cache.enabled = was
-
-
 @pytest.mark.parametrize("capped", [False, True])
 def test_second_backward_recomputes(capped):
     """The first eager backward hands out the forward's weight and bias sums scaled in place; a
@@ -344,3 +318,19 @@ def test_second_backward_recomputes(capped):
     (1.3 * loss).backward()
     for x, g in zip((h_s, w_s, b_s), first, strict=True):
         torch.testing.assert_close(x.grad, 2 * g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_cpu_gemm_paths(monkeypatch, onednn):
+    """fp32 CPU matmuls through oneDNN's linear (the default where torch has it) or torch.mm:
+    the same result to fp32 rounding, both against the float64 reference."""
+    monkeypatch.setattr(rk.config, "FUSED_LINEAR_CPU_ONEDNN", onednn)
+    inputs = make_linear(batch=3, seq=6)
+    h_s, w_s = inputs[:2]
+    assert linear_chunks.Gemm.for_operands(h_s, w_s).onednn == (
+        onednn and linear_chunks._onednn_linear_works()
+    )
+    kw = dict(beta=0.5, token_clip=0.05, threshold=0.1)
+    out, grads = run_fused(*inputs, combine=_combine, backend="torch", chunk_size=4, **kw)
+    ref_out, ref_grads = ref_fused(*inputs, combine=_combine, **kw)
+    assert_close(out, grads, ref_out, ref_grads)

@@ -29,7 +29,9 @@ the operands (``Gemm``):
 
 * fp32 operands (or mixed dtypes, e.g. bf16 hidden states from autocast with an fp32 weight):
   plain fp32 matmuls; low-precision operands are upcast, hidden rows per chunk and the weight once
-  per sweep.
+  per sweep. On CPU the logits and ``u @ W`` go through oneDNN's fp32 linear, which is much faster
+  than MKL's sgemm on the measured AMD machine (``config.FUSED_LINEAR_CPU_ONEDNN``); the weight
+  gradient through MKL's ``addmm_``, which accumulates in place.
 * bf16/fp16 hidden and weight on CUDA: ``torch.mm(..., out_dtype=torch.float32)`` multiplies the
   low-precision tensors on the tensor cores and writes an fp32 result (fp32 accumulation, no
   rounding of the logits). ``u`` and the weighted hidden rows are rounded to the weight's dtype for
@@ -43,24 +45,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import config
 from ..config import (
     FUSED_LINEAR_CHUNK_ELEMENTS,
+    FUSED_LINEAR_MAX_CHUNK_ELEMENTS,
     FUSED_LINEAR_MAX_ROWS,
     FUSED_LINEAR_MIN_ROWS,
-    FUSED_LINEAR_TOTAL_ELEMENTS,
+    FUSED_LINEAR_TOTAL_PER_VOCAB,
 )
 from .backends import resolve_backend
 from .rows import DenseTeacher, DivergenceParams, RowBackend, RowStats
 
 __all__ = [
-    "ChunkBuffers",
     "ForwardGrads",
     "Gemm",
     "GradBuffers",
@@ -68,7 +69,6 @@ __all__ = [
     "SequenceWeights",
     "SweepPlan",
     "chunk_bounds",
-    "chunk_buffers",
     "chunk_cap",
     "flat_rows",
     "forward_sweep",
@@ -81,19 +81,30 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def chunk_cap(vocab: int, hidden_s: int, hidden_t: int, device: torch.device) -> int:
-    """The most rows per chunk the device's budgets allow (and that pay off).
+    """The most rows per chunk the device's budget allows (and that pay off).
 
     Per chunk row the sweep holds ``3 * vocab + hidden_s + hidden_t`` fp32 values (student and
-    teacher logits, the logits gradient, hidden rows). They get ``FUSED_LINEAR_CHUNK_ELEMENTS``,
-    or, where it leaves more, what ``FUSED_LINEAR_TOTAL_ELEMENTS`` leaves after the two
-    weight-sized fp32 accumulators; between ``FUSED_LINEAR_MIN_ROWS`` and
-    ``FUSED_LINEAR_MAX_ROWS`` rows.
+    teacher logits, the logits gradient, hidden rows). Where ``FUSED_LINEAR_TOTAL_PER_VOCAB`` is
+    set (CPU), they get what ``FUSED_LINEAR_TOTAL_PER_VOCAB * vocab`` elements leave after the
+    two weight-sized fp32 accumulators (at most ``FUSED_LINEAR_MAX_CHUNK_ELEMENTS``), unless that
+    is under ``_TOTAL_MIN_ROWS`` rows (a large hidden size, where the accumulators alone take it,
+    or a huge vocabulary); otherwise ``FUSED_LINEAR_CHUNK_ELEMENTS``.
+    Between ``FUSED_LINEAR_MIN_ROWS`` and ``FUSED_LINEAR_MAX_ROWS`` rows.
     """
     kind = device.type if device.type in FUSED_LINEAR_CHUNK_ELEMENTS else "cpu"
-    total = FUSED_LINEAR_TOTAL_ELEMENTS.get(kind, 0) - 2 * vocab * hidden_s
-    budget = max(FUSED_LINEAR_CHUNK_ELEMENTS[kind], total)
-    cap = budget // (3 * vocab + hidden_s + hidden_t)
+    per_row = 3 * vocab + hidden_s + hidden_t
+    cap = FUSED_LINEAR_CHUNK_ELEMENTS[kind] // per_row
+    per_vocab = FUSED_LINEAR_TOTAL_PER_VOCAB.get(kind)
+    if per_vocab is not None:
+        left = min((per_vocab - 2 * hidden_s) * vocab, FUSED_LINEAR_MAX_CHUNK_ELEMENTS[kind])
+        if left >= _TOTAL_MIN_ROWS * per_row:
+            cap = left // per_row
     return max(FUSED_LINEAR_MIN_ROWS, min(cap, FUSED_LINEAR_MAX_ROWS.get(kind, cap)))
+
+
+# Fewer rows than this cost the chunk matmuls a sixth of their rate or more (216 against 259
+# GFLOP/s with 64 and 256 rows at V = 151936, fused_linear_gemm.md): use the chunk budget then.
+_TOTAL_MIN_ROWS = 64
 
 
 def plan_chunk_rows(
@@ -149,6 +160,24 @@ def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+@functools.cache
+def _onednn_linear_works() -> bool:
+    """Whether this torch has oneDNN's fp32 linear (``mkldnn::_linear_pointwise``, the op
+    inductor's CPU linear lowers to) and it agrees with ``torch.mm`` on both operand layouts the
+    sweep uses; probed once on tiny tensors."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(s, generator=g) for s in ((5, 7), (9, 7), (9,)))
+        ok = torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.T), atol=1e-5)
+        y = torch.randn((5, 9), generator=g)
+        return ok and torch.allclose(op(y, w.T, None, "none", [], ""), y @ w, atol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 @dataclass(frozen=True)
 class Gemm:
     """How one side's matmuls reach an fp32 result (see the module docstring). Every
@@ -156,6 +185,7 @@ class Gemm:
 
     native: bool  # low-precision operands, fp32 result from the GEMM itself
     dtype: torch.dtype  # operand dtype when native, else float32
+    onednn: bool = False  # fp32 CPU products through oneDNN (``config.FUSED_LINEAR_CPU_ONEDNN``)
 
     @staticmethod
     def for_operands(hidden: torch.Tensor, weight: torch.Tensor) -> Gemm:
@@ -165,21 +195,41 @@ class Gemm:
             and hidden.device.type == "cuda"
             and _mm_out_dtype_works(hidden.device, hidden.dtype)
         )
-        return Gemm(native, hidden.dtype if native else torch.float32)
+        onednn = (
+            not native
+            and hidden.device.type == "cpu"
+            and config.FUSED_LINEAR_CPU_ONEDNN
+            and weight.is_contiguous()
+            and _onednn_linear_works()
+        )
+        return Gemm(native, hidden.dtype if native else torch.float32, onednn)
 
     def operand(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.dtype == self.dtype else x.to(self.dtype)
 
-    def mm(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``a @ b`` in fp32 (into ``out`` if given); ``a``, ``b`` already in ``self.dtype``."""
+    def mm(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """``a @ b (+ bias)`` in fp32 (into ``out`` if given); ``a`` and ``b`` already in
+        ``self.dtype``. oneDNN makes a new result (copied into ``out``: only the small rows of
+        ``u @ W`` are asked for that way; the logits take no buffer on this path)."""
+        if self.onednn:
+            # oneDNN's linear takes the weight as (out, in): b.T, a view of the contiguous weight.
+            prod = torch.ops.mkldnn._linear_pointwise(a, b.T, bias, "none", [], "")
+            return prod if out is None else out.copy_(prod)
         if self.native:
             prod = torch.mm(a, b, out_dtype=torch.float32)
+            if bias is not None:
+                prod.add_(bias)
             return prod if out is None else out.copy_(prod)
+        if bias is not None:
+            return torch.addmm(bias, a, b) if out is None else torch.addmm(bias, a, b, out=out)
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
     def addmm_(self, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float = 1.0,
                alpha: float = 1.0) -> None:  # fmt: skip
-        """``c = beta * c + alpha * (a @ b)`` for an fp32 ``c``; ``beta=0`` ignores ``c``."""
+        """``c = beta * c + alpha * (a @ b)`` for an fp32 ``c``; ``beta=0`` ignores ``c``. (On
+        CPU through MKL's sgemm, which accumulates in place: oneDNN's linear has no in-place
+        accumulation, and a separate add would cost a pass over ``c`` per chunk.)"""
         if not self.native:
             c.addmm_(a, b, beta=beta, alpha=alpha)
             return
@@ -190,53 +240,6 @@ class Gemm:
             if beta != 1:
                 c.mul_(beta)
             c.add_(prod, alpha=alpha)
-
-
-class ChunkBuffers:
-    """The fp32 logits buffers of the last CPU sweep, kept for the next one.
-
-    A sweep's two chunk-logits buffers are tens to hundreds of MB; glibc maps such a block fresh
-    for every call and the kernel zeroes it page by page, which costs as much as several percent
-    of a forward+backward at a 32k vocabulary (the native kernels' gradient cache exists for the
-    same reason, see ``cpu_cache``). At most two flat buffers are kept between calls;
-    ``renio_kernels.empty_cpu_grad_cache()`` hands them back, ``set_cpu_grad_cache(False)`` or
-    ``RENIO_CPU_GRAD_CACHE=0`` turns the cache off. CUDA tensors use the caching allocator.
-    """
-
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-        self.enabled = os.environ.get("RENIO_CPU_GRAD_CACHE", "1") != "0"
-
-    def take(self, numel: int, device: torch.device) -> torch.Tensor:
-        """A flat fp32 tensor of ``numel`` elements (its first ``numel`` of a kept buffer)."""
-        if device.type == "cpu" and self.enabled:
-            with self._lock:
-                fits = [b for b in self._free if b.numel() >= numel]
-                if fits:
-                    buf = min(fits, key=torch.Tensor.numel)
-                    self._free = [b for b in self._free if b is not buf]
-                    return buf[:numel]
-        return torch.empty((numel,), dtype=torch.float32, device=device)
-
-    def give(self, buf: torch.Tensor | None) -> None:
-        """Keep ``buf`` (a tensor from ``take``; no one may use it afterwards) for a later call."""
-        if buf is None or buf.device.type != "cpu" or not self.enabled:
-            return
-        base = buf._base if buf._base is not None else buf
-        with self._lock:
-            self._free = sorted([*self._free, base.view(-1)], key=torch.Tensor.numel)[-2:]
-
-    def empty(self) -> None:
-        with self._lock:
-            self._free = []
-
-    def cached_bytes(self) -> int:
-        with self._lock:
-            return sum(b.numel() * b.element_size() for b in self._free)
-
-
-chunk_buffers = ChunkBuffers()
 
 
 @dataclass(frozen=True)
@@ -260,20 +263,18 @@ class LinearSide:
 
     def buffer(self, rows: int) -> torch.Tensor | None:
         """A ``(rows, V)`` fp32 buffer the chunks' logits are written into, so that a sweep
-        allocates its logits once rather than per chunk (from ``chunk_buffers`` on CPU); None when
-        the GEMM makes its own result (``out_dtype``)."""
-        if self.gemm.native:
+        allocates its logits once rather than per chunk; None when the GEMM makes its own result
+        (``out_dtype``, oneDNN)."""
+        if self.gemm.native or self.gemm.onednn:
             return None
-        vocab = self.weight.shape[0]
-        return chunk_buffers.take(rows * vocab, self.hidden.device).view(rows, vocab)
+        return torch.empty((rows, self.weight.shape[0]), dtype=torch.float32,
+                           device=self.hidden.device)  # fmt: skip
 
     def logits(self, r0: int, r1: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """``(r1 - r0, V)`` fp32 logits of a chunk; never rounded below fp32."""
         out = None if buffer is None else buffer[: r1 - r0]
-        out = self.gemm.mm(self.gemm.operand(self.hidden[r0:r1]), self.weight.T, out=out)
-        if self.bias is not None:
-            out.add_(self.bias)
-        return out
+        rows = self.gemm.operand(self.hidden[r0:r1])
+        return self.gemm.mm(rows, self.weight.T, out=out, bias=self.bias)
 
 
 @dataclass
@@ -604,8 +605,6 @@ def _stats_sweep(
             weighted.add_chunk(g_op, g32, r0, r1, out)
         # Freed before the next chunk's gradient exists, so at most one chunk is alive.
         del g, g32, g_op
-    chunk_buffers.give(buf_s)
-    chunk_buffers.give(buf_t)
     return out
 
 
