@@ -334,3 +334,33 @@ def test_cpu_gemm_paths(monkeypatch, onednn):
     out, grads = run_fused(*inputs, combine=_combine, backend="torch", chunk_size=4, **kw)
     ref_out, ref_grads = ref_fused(*inputs, combine=_combine, **kw)
     assert_close(out, grads, ref_out, ref_grads)
+
+
+def test_column_sliced_hidden_states(monkeypatch):
+    """Hidden states whose flat rows are a view with a row stride wider than H (a column slice)
+    go through the matmuls without a copy of the whole tensor, with the same result."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = make_linear(batch=2, seq=5)
+    width = h_s.shape[-1]
+    base, base_grads = run_fused(h_s, w_s, b_s, h_t, w_t, b_t, labels, backend="torch",
+                                 chunk_size=4, threshold=0.1)  # fmt: skip
+    wide = torch.cat([h_s, torch.randn(2, 5, 3)], dim=-1).requires_grad_()
+    wide_t = torch.cat([h_t, torch.randn(2, 5, 2)], dim=-1)[..., : h_t.shape[-1]]
+    strides = []
+    real = linear_chunks.Gemm.mm
+
+    def spy(gemm, a, b, *args, **kw):
+        strides.append(a.stride())
+        return real(gemm, a, b, *args, **kw)
+
+    monkeypatch.setattr(linear_chunks.Gemm, "mm", spy)
+    w = w_s.clone().requires_grad_()
+    loss = rk.fused_linear_renio_loss(
+        wide[..., :width], w, wide_t, w_t, labels, student_bias=b_s, teacher_bias=b_t,
+        backend="torch", chunk_size=4, threshold=0.1,
+    )  # fmt: skip
+    loss.backward()
+    assert (width + 3, 1) in strides  # the student's rows reached the matmul as a strided view
+    torch.testing.assert_close(loss, base)
+    torch.testing.assert_close(wide.grad[..., :width], base_grads[0])
+    assert torch.equal(wide.grad[..., width:], torch.zeros(2, 5, 3))
+    torch.testing.assert_close(w.grad, base_grads[1])

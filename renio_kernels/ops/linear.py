@@ -212,7 +212,7 @@ class Gemm:
         """``a @ b (+ bias)`` in fp32 (into ``out`` if given); ``a`` and ``b`` already in
         ``self.dtype``. oneDNN makes a new result (copied into ``out``: only the small rows of
         ``u @ W`` are asked for that way; the logits take no buffer on this path)."""
-        if self.onednn:
+        if self.onednn and a.is_contiguous():
             # oneDNN's linear takes the weight as (out, in): b.T, a view of the contiguous weight.
             prod = torch.ops.mkldnn._linear_pointwise(a, b.T, bias, "none", [], "")
             return prod if out is None else out.copy_(prod)
