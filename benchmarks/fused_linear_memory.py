@@ -3,7 +3,8 @@
 Measures ``benchmarks.memory.peak_extra_bytes`` (sampled RSS on CPU) of
 
 * the fused-linear loss at several token counts (the target shape: B*T = 4096, V = 151936,
-  H = 256; at most 0.25 x one (B*T, V) fp32 tensor, weight gradient included, and flat in B*T);
+  H = 256; at most 0.25 x one (B*T, V) fp32 tensor, weight gradient included, and flat in B*T),
+  and one sequence of ``--long`` tokens (B = 1: the sequence spans many chunks);
 * materialize-then-reference: ``logits = hidden @ W.T`` for both models, then
   ``reference.renio_loss`` (the paper trainer's eager path) in fp32, at a smaller B*T: at 4096
   tokens it needs tens of GB, more than this shared machine may use;
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.memory import peak_extra_bytes
 from benchmarks.runner import cpu_model, write_lines
 from renio_kernels import fused_linear_renio_loss, reference, renio_loss
-from renio_kernels.ops.linear import plan_chunk_rows
+from renio_kernels.ops.linear import chunk_bounds, chunk_cap
 
 MIB = 1 << 20
 
@@ -68,11 +69,12 @@ def materialized_step(h_s, w_s, h_t, w_t, labels, loss_fn):
     return loss.detach()
 
 
-def measure(name: str, tokens: int, step, args) -> dict:
+def measure(name: str, tokens: int, step, args, seq: int | None = None) -> dict:
     # One untimed call at a small size first: one-time costs (thread pools, oneDNN/MKL
     # workspaces, lazy imports) are not what the row measures.
-    step(*make_inputs(min(tokens, 64), args.vocab, args.hidden, args.seq))
-    inputs = make_inputs(tokens, args.vocab, args.hidden, args.seq)
+    seq = seq or args.seq
+    step(*make_inputs(min(tokens, 64), args.vocab, args.hidden, seq))
+    inputs = make_inputs(tokens, args.vocab, args.hidden, seq)
     gc.collect()
     start = time.perf_counter()
     peak = peak_extra_bytes(lambda: step(*inputs))
@@ -123,12 +125,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=4096, help="B*T of the target measurement")
     p.add_argument("--scaling", default="1024,2048", help="further B*T for the fused loss")
     p.add_argument("--ref-tokens", type=int, default=512, help="B*T of the materialized runs")
+    p.add_argument("--long", type=int, default=8192, help="T of the one-sequence run (0: none)")
     p.add_argument("--out", default="benchmarks/results/fused_linear_memory.md")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     rows = []  # each measure() frees its inputs on return
     for n in [int(x) for x in args.scaling.split(",") if x] + [args.tokens]:
         rows.append(measure("fused_linear_renio_loss", n, fused_step, args))
+    if args.long:
+        rows.append(
+            measure(f"fused_linear_renio_loss, one sequence (B = 1, T = {args.long})", args.long,
+                    fused_step, args, seq=args.long)
+        )  # fmt: skip
     mid = [int(x) for x in args.scaling.split(",") if x][-1:] or [args.tokens]
     rows.append(
         measure(
@@ -154,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
             args,
         )
     )
-    chunk = plan_chunk_rows(args.tokens, args.vocab, args.hidden, args.hidden, torch.device("cpu"))
+    cap = chunk_cap(args.vocab, args.hidden, args.hidden, torch.device("cpu"))
+    chunk = max(r1 - r0 for r0, r1 in chunk_bounds(args.tokens, cap, args.seq))
     weight_mib = args.vocab * args.hidden * 4 / MIB
     from renio_kernels.ops.backends import resolve_backend
 

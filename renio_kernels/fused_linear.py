@@ -7,57 +7,69 @@ softmax), but only one chunk of tokens' logits exists at a time.
 Design. The flattened ``N = B * T`` tokens are taken in chunks of rows (``ops.linear``; the
 size comes from ``(V, Hs, Ht)`` and the device, or ``chunk_size=``). Per chunk, the student and
 teacher logits are formed in fp32 and fed to the resolved backend's row kernels (Triton on CUDA,
-the native kernel on CPU, whose forward also forms the chunk's gradient in the same sweeps) as a
-``(1, rows, V)`` batch. The forward keeps per-token
-``lse_s, lse_t, C`` and returns ``d, ls[x], lt[x]`` like the row losses (``core.autograd``);
-``core.reduction.reduce_renio`` turns them into the loss, so the ReNIO weights are exactly those of
-``renio_loss``. Those weights depend on every sequence of the batch, so the per-token gradient
-scale ``gd = dL/dd`` is only known once the whole forward has run. Two consequences:
+the native kernel on CPU) as a ``(1, rows, V)`` batch, which return the row statistics and the
+unit-scale logits gradient ``u_n = (c - ps C) / tau`` of each token (the native CPU kernel forms it
+in the same sweeps as the statistics; the others with their backward kernel at scale 1). The
+forward returns ``d, ls[x], lt[x]`` like the row losses; ``core.reduction.reduce_renio`` turns them
+into the loss, so the ReNIO weights are exactly those of ``renio_loss``. The gradient scale is
+``gd[b, t] = dL/dd = grad_output * w_b / (B * n_b)``, and the forward forms every gradient while
+each chunk's logits are in hand:
 
-* ``grad_hidden`` is row-local and linear in ``gd``: ``grad_hidden[n] = gd[n] * (u_n @ Ws)`` with
-  ``u_n = (c - ps C) / tau`` the unit-scale logits gradient of token ``n``. The forward forms
-  ``u @ Ws`` from the logits it already has and keeps it ((N, Hs) fp32); the backward only scales
-  the rows.
-* ``grad_weight = sum_n gd[n] u_n^T hs_n`` and ``grad_bias`` mix rows with their scales, so the
-  backward recomputes both sides' logits chunk by chunk, gets ``g = gd * u`` from the backend's
-  ``bwd`` and accumulates ``g.T @ hs`` (fp32 accumulator, returned in the weight's dtype) and
-  ``sum(g)``.
+* ``grad_hidden[n] = gd[n] * (u_n @ Ws)``: the forward keeps ``u @ Ws`` ((N, Hs) fp32); the
+  backward scales its rows.
+* ``grad_weight = sum_n gd[n] u_n^T hs_n`` (and ``grad_bias = sum_n gd[n] u_n``): for every
+  ``weight_norm``, ``w_b`` is a factor ``f_b`` of sequence ``b``'s own rows (``e_b =
+  exp(rbar_b / weight_temperature)``, ``clamp(e_b, 0.1, 10)`` for ``"clamp"``, 1 with
+  ``use_renio=False``; ``reduction.sequence_factors``) times one batch-wide scalar (``1 /
+  mean(f)``, ``1 / m`` for ``"ema"``, 1 for ``"none"``). So the forward accumulates ``G = sum_b
+  f_b / (B n_b) U_b^T H_b`` in fp32, each sequence's rows once its last row is done: the automatic
+  chunks end on sequence boundaries (whole sequences per chunk when they fit, else each sequence in
+  pieces, whose rows wait at unit scale in ``G`` itself or, once ``G`` holds other sequences, in a
+  second weight-sized fp32 buffer added to ``G`` when the sequence closes). ``G`` is kept relative
+  to the largest factor, so factors beyond fp32's range are fine. The backward multiplies ``G`` by
+  one scalar, ``k = <gd, s> / <s, s>`` on the sequence with the smallest factor (no host read).
+* ``batch_mean`` caps ``w_b = min(e_b / mean(e), 10)``, which can bind only with more than 10
+  sequences; there the backward compares ``gd`` with ``k s`` per sequence (one host read: free on
+  CPU, one scalar sync on a GPU, only for ``batch_mean`` with ``B > 10``) and recomputes the capped
+  sequences' rows (logits and weight gradient) for the difference.
 
-Each of these runs only for an input that requires grad, and none under ``torch.no_grad()``.
+Each gradient is formed only for an input that requires grad, and none under ``torch.no_grad()``;
+where it is formed in the forward, the work is spent even if no backward follows (as in every
+fused-linear loss that does this).
 
-Cost in (tokens x vocab x hidden) matmul passes, against a floor of four (student and teacher
-logits once, grad_hidden, grad_weight):
+Cost in (tokens x vocab x hidden) matmul passes, forward and backward together, against a floor
+of four (student and teacher logits once, grad_hidden, grad_weight):
 
-* ``use_renio=True`` (default), hidden states and lm_head trained: 6. Forward 3 (student and
-  teacher logits, ``u @ Ws``); backward 3 (both logits again, grad_weight). The recompute is the
-  price of not storing (N, V) logits while the gradient scale waits for the batch-wide weights.
-* ``use_renio=True`` with a frozen lm_head (e.g. LoRA on the student): 3, all in the forward; the
-  backward does no matmul. With frozen hidden states and a trained lm_head: 5.
-* ``use_renio=False`` with a gradient to compute: 4, the floor. The weights are all 1, so
-  ``gd[b, t] = grad_output * mask / (B * n_b)`` is known up to the scalar ``grad_output`` in
-  the forward: the forward sweep forms every gradient at once and the backward only scales them
-  (held from forward to backward: a weight-sized and a (B, T, H)-sized fp32 buffer).
-* In both forward-gradient cases the work is spent even if no backward follows, as in every
-  fused-linear loss that does this.
+* hidden states and lm_head trained (the default), every ``weight_norm``, ``use_renio`` True or
+  False: 4, the floor; plus, with ``batch_mean`` and ``B > 10``, 3 passes over the rows of the
+  sequences whose weight the cap changed (none unless one sequence has over 10x the batch mean).
+* frozen lm_head (e.g. LoRA on the student): 3 (both logits, grad_hidden). Frozen hidden states
+  and a trained lm_head: 3 (both logits, grad_weight). No gradient: 2.
 * Teacher rows ``>= Vs`` are never multiplied (SPEC ignores them), so a padded teacher
-  vocabulary costs nothing; the teacher's passes cost ``Ht / Hs`` times the student's.
+  vocabulary costs nothing; the teacher's pass costs ``Ht / Hs`` times the student's.
 
-Memory (fp32 on CPU; ``benchmarks/results/fused_linear_memory.md`` has the measured figures):
-the chunk buffers (``FUSED_LINEAR_CHUNK_ELEMENTS``), the fp32 weight-gradient accumulator, and
-(B, T)- and (B, T, H)-sized tensors. Hidden states that cannot be viewed as ``(B * T, H)``
-(e.g. ``hidden[:, :-1]``, transposed views) are copied once into that layout. On CPU, bf16/fp16
-weights are upcast once per sweep (see ``ops.linear``).
+Memory (fp32 on CPU; ``benchmarks/results/fused_linear_memory.md`` has the measured figures:
+0.22x one (4096 x 151936) fp32 logits tensor, flat in tokens): the chunk buffers (``chunk_cap``
+in ``ops.linear``, ``config.FUSED_LINEAR_TOTAL_PER_VOCAB``), the fp32 weight-gradient accumulator
+``G`` (and the second one while a sequence spans chunks and ``G`` already holds others), the
+``(N, Hs)`` fp32 ``u @ Ws`` and (B, T)-sized tensors. Hidden states that cannot be viewed as
+``(B * T, H)`` (e.g. ``hidden[:, :-1]``, transposed views) are copied once into that layout. On
+CPU, bf16/fp16 weights are upcast once per sweep, and the fp32 logits and ``u @ Ws`` matmuls run
+through oneDNN (``config.FUSED_LINEAR_CPU_ONEDNN``; see ``ops.linear``). Speed on the 2-core CPU:
+``benchmarks/results/fused_linear_floor.md``.
 
-GPU: the Triton row kernels run per chunk on the logits the GEMM left in global memory. A
-blockwise matmul kernel that keeps the log-sum-exp on chip would avoid that round trip; it is not
-implemented, and no GPU was available to measure whether it would be faster.
+GPU: the same schedule through the same Python sweep; the Triton row kernels run per chunk on the
+logits the GEMM left in global memory, and the per-sequence weighting uses device scalars only
+(no host sync, except the ``batch_mean``, ``B > 10`` check above). A blockwise matmul kernel that
+keeps the log-sum-exp on chip would avoid the logits' round trip; it is not implemented, and no
+GPU was available to measure whether it would be faster.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .core.autograd import FusedLinearFunction
+from .core.autograd import FusedLinearFunction, linear_weights
 from .core.custom_ops import check_labels_async, fused_linear_op
 from .core.options import call_options, kernel_params, with_options
 from .core.reduction import reduce_renio
@@ -140,18 +152,16 @@ def fused_linear_renio_loss(
     teacher = tuple(
         None if x is None else x.detach() for x in (teacher_hidden, teacher_weight, teacher_bias)
     )
-    # With every weight 1, dL/dd is known in the forward up to grad_output (autograd module).
-    direct = not opts.use_renio and any(want)
     params = kernel_params(opts)
     if torch.compiler.is_compiling():
         d, ls_x, lt_x = fused_linear_op(
-            student, teacher, labels, params, backend, chunk_size, want, direct
+            student, teacher, labels, params, backend, chunk_size, want, opts
         )
     else:
         plan = SweepPlan.build(
             params, backend, student_hidden, student_weight, teacher_hidden, labels, chunk_size,
-            want,
+            want, linear_weights(opts, labels, want),
         )  # fmt: skip
-        d, ls_x, lt_x = FusedLinearFunction.apply(*student, *teacher, labels, plan, direct)
+        d, ls_x, lt_x = FusedLinearFunction.apply(*student, *teacher, labels, plan)
     mask = labels != opts.ignore_index
     return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats)

@@ -7,6 +7,7 @@ import torch
 
 import renio_kernels as rk
 from renio_kernels import reference
+from renio_kernels.core import autograd
 from renio_kernels.ops import linear as linear_chunks
 from renio_kernels.ops.linear import plan_chunk_rows
 from tests.helpers import INTERPRET, LINEAR_GRAD_RTOL, LOSS_RTOL, rel_err
@@ -176,30 +177,50 @@ def test_positive_ignore_index():
 
 
 class _Spy:
-    """Counts the chunk matmuls and records which gradient buffers were allocated."""
+    """Counts the chunk logits and the matmul work, and records which gradient buffers the
+    forward formed."""
 
     def __init__(self, monkeypatch):
         self.logits_calls = 0
+        self.work = 0  # multiply-adds of every (rows x vocab x hidden) matmul
         self.allocated = []
-        logits, allocate = linear_chunks.LinearSide.logits, linear_chunks.GradBuffers.allocate
+        logits, sweep = linear_chunks.LinearSide.logits, linear_chunks.forward_sweep
+        mm, addmm = linear_chunks.Gemm.mm, linear_chunks.Gemm.addmm_
 
-        def counting_logits(side, r0, r1):
+        def counting_logits(side, r0, r1, *a):
             self.logits_calls += 1
-            return logits(side, r0, r1)
+            return logits(side, r0, r1, *a)
 
-        def recording_allocate(hidden, weight, want, **kw):
-            self.allocated.append(tuple(want))
-            return allocate(hidden, weight, want, **kw)
+        def counting_mm(gemm, a, b, *args, **kw):
+            self.work += a.shape[0] * a.shape[1] * b.shape[1]
+            return mm(gemm, a, b, *args, **kw)
+
+        def counting_addmm(gemm, c, a, b, **kw):
+            self.work += a.shape[0] * a.shape[1] * b.shape[1]
+            return addmm(gemm, c, a, b, **kw)
+
+        def recording_sweep(*args):
+            out, grads = sweep(*args)
+            if grads is not None:
+                self.allocated.append(
+                    tuple(x is not None for x in (grads.hidden, grads.weight, grads.bias))
+                )
+            return out, grads
 
         monkeypatch.setattr(linear_chunks.LinearSide, "logits", counting_logits)
-        monkeypatch.setattr(linear_chunks.GradBuffers, "allocate", staticmethod(recording_allocate))
+        monkeypatch.setattr(linear_chunks.Gemm, "mm", counting_mm)
+        monkeypatch.setattr(linear_chunks.Gemm, "addmm_", counting_addmm)
+        monkeypatch.setattr(autograd, "forward_sweep", recording_sweep)
+
+    def passes(self, tokens: int, vocab: int, hidden: int) -> float:
+        return self.work / (tokens * vocab * hidden)
 
 
 @pytest.mark.parametrize("want", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 0, 0)])
 @pytest.mark.parametrize("use_renio", [True, False])
 def test_requires_grad_combinations(monkeypatch, want, use_renio):
     spy = _Spy(monkeypatch)
-    inputs = make_linear()
+    inputs = make_linear(ht=6)  # Hs = Ht: every pass has the same size
     kw = dict(beta=0.5, token_clip=0.05, use_renio=use_renio)
     out, grads = run_fused(*inputs, want=want, backend="torch", chunk_size=4, **kw)
     ref_out, ref_grads = ref_fused(*inputs, **kw)
@@ -208,19 +229,14 @@ def test_requires_grad_combinations(monkeypatch, want, use_renio):
     ref_grads = [r if w else None for r, w in zip(ref_grads, want, strict=True)]
     assert_close(out, grads, ref_out, ref_grads)
     chunks = 4  # 14 tokens in chunks of 4
+    # Both sides' logits once per chunk, in the forward only, whatever is wanted: no recompute.
+    assert spy.logits_calls == 2 * chunks
+    # The forward forms exactly the wanted gradients; the backward only scales them.
+    assert spy.allocated == ([tuple(bool(w) for w in want)] if any(want) else [])
     if not any(want):
         assert not out.requires_grad
-        assert spy.allocated == [] and spy.logits_calls == 2 * chunks
-    elif use_renio:
-        # grad_hidden is formed in the forward; the backward recomputes both sides' logits only
-        # for the weight and bias gradients, and allocates only those.
-        _, want_w, want_b = (bool(w) for w in want)
-        recompute = want_w or want_b
-        assert spy.allocated == ([(False, want_w, want_b)] if recompute else [])
-        assert spy.logits_calls == (4 if recompute else 2) * chunks
-    else:
-        assert spy.allocated == [tuple(bool(w) for w in want)]
-        assert spy.logits_calls == 2 * chunks
+    # Matmul passes: two logits, plus grad_hidden and grad_weight when wanted (bias: no matmul).
+    assert spy.passes(14, 37, 6) == 2 + want[0] + want[1]
 
 
 @pytest.mark.parametrize("use_renio", [True, False])
@@ -331,7 +347,9 @@ def test_triton_backend_interpreter(use_renio):
 
 def test_plan_chunk_rows():
     cpu = torch.device("cpu")
-    budget = rk.config.FUSED_LINEAR_CHUNK_ELEMENTS["cpu"]
+    # On CPU the chunk buffers get what the per-vocabulary total leaves after the two (V, H) fp32
+    # accumulators.
+    budget = (rk.config.FUSED_LINEAR_TOTAL_PER_VOCAB["cpu"] - 2 * 256) * 151936
     for n_rows in (4096, 4097, 100_000):
         rows = plan_chunk_rows(n_rows, 151936, 256, 256, cpu)
         assert 16 <= rows and rows * (3 * 151936 + 512) <= budget

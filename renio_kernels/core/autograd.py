@@ -16,19 +16,33 @@ eager mode, where it is handed out once; into a new tensor under compile, the sa
 second backward, or one that also carries ``dL/dls[x]``, recomputes from the saved logits.
 
 Fused-linear loss (hidden states and lm_head weights in): see ``fused_linear`` for the schedule.
-``direct`` is the case whose gradient scale is known in the forward up to one scalar
-(``use_renio=False``: ``dL/dd = grad_output * mask / (B * n_b)``): the forward forms every
-gradient at ``scale = mask / (B * n_b)`` and the backward multiplies by
-``k = <dL/dd, scale> / <scale, scale>``, which is ``grad_output`` since ``d`` feeds only the
-reduction.
+The forward (``ops.linear.forward_sweep``) forms ``u @ Ws`` per row at unit scale and ``G =
+sum_n s[n] u_n^T h_n`` with ``s`` proportional, within each sequence and across sequences, to
+``dL/dd``: ``s = f_b / (B n_b)`` up to one batch-wide constant, ``f_b`` the sequence's ReNIO factor
+(``reduction.sequence_log_factors``; 1 with ``use_renio=False``). The backward scales row ``n`` of
+``u @ Ws`` by ``dL/dd[n]`` and ``G`` by ``k = <dL/dd, s> / <s, s>``, taken on one sequence that
+no cap can bind (the smallest factor); sequences whose ``dL/dd`` is not ``k s`` (only
+``batch_mean``'s cap, with more than 10 sequences) have their rows recomputed for the difference.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
-from ..ops.linear import SweepPlan, flat_rows, forward_sweep, grad_sweep
+from ..ops.linear import (
+    ForwardGrads,
+    GradBuffers,
+    SequenceWeights,
+    SweepPlan,
+    flat_rows,
+    forward_sweep,
+    grad_sweep,
+)
 from ..ops.rows import DivergenceParams, RowBackend, RowStats
+from .reduction import cap_can_bind, factor_span, sequence_log_factors
 
 __all__ = [
     "FusedLinearFunction",
@@ -36,6 +50,7 @@ __all__ = [
     "RowStatsFunction",
     "linear_backward",
     "linear_forward",
+    "linear_weights",
     "rows_backward",
     "rows_forward",
 ]
@@ -138,59 +153,126 @@ class RowStatsFunction(torch.autograd.Function):
         return (grad, *nones)
 
 
-def _sequence_scale(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``mask / (B * n_b)`` per token, flat: ``dL/dd`` of the mean over sequences at w = 1."""
-    mask = labels != ignore_index
-    n = mask.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)
-    return (mask.to(torch.float32) / (labels.shape[0] * n)).reshape(-1)
+def linear_weights(opts, labels: torch.Tensor, want) -> SequenceWeights | None:
+    """What the forward sweep needs to weight each sequence (None when no weight or bias
+    gradient is wanted). ``opts``: a ``ReNIOOptions``, with real Python values."""
+    if not (want[1] or want[2]):
+        return None
+    batch, seq_len = labels.shape
+    return SequenceWeights(
+        seq_len,
+        functools.partial(sequence_log_factors, opts=opts),
+        factor_span(opts),
+        cap_can_bind(opts, batch),
+    )
 
 
-def linear_forward(h_s, w_s, b_s, h_t, w_t, b_t, labels, plan: SweepPlan, direct: bool):
-    """``(d, ls_x, lt_x)`` (B, T) fp32 and what the backward needs: ``(grads, saved, scale)``.
+def linear_forward(h_s, w_s, b_s, h_t, w_t, b_t, labels, plan: SweepPlan):
+    """``(d, ls_x, lt_x)`` (B, T) fp32 and what the backward needs: ``(grads, saved)``.
 
-    ``grads``: the buffers the forward formed (``u @ Ws`` at unit scale, or every gradient at
-    ``scale`` when ``direct``); ``saved``: ``(lse_s, lse_t, C)`` stacked (3, N) when the
-    backward recomputes the weight/bias gradient, else None.
+    ``grads``: the ``ForwardGrads`` of the sweep (None when no gradient is wanted); ``saved``:
+    ``(lse_s, lse_t, C)`` stacked (3, N) when the weight or bias gradient is wanted (for the
+    recompute of capped sequences, or of everything in a second eager backward), else None.
     """
     flat_s, flat_t, flat_labels = flat_rows(h_s), flat_rows(h_t), labels.reshape(-1)
-    scale = _sequence_scale(labels, plan.params.ignore_index) if direct else None
-    out, grads = forward_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, plan, scale)
+    out, grads = forward_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, plan)
     lse_s, lse_t, ls_x, lt_x, d, c = out.unbind(0)
-    recompute = not direct and (plan.want[1] or plan.want[2])
-    saved = torch.stack((lse_s, lse_t, c)) if recompute else None
+    saved = torch.stack((lse_s, lse_t, c)) if plan.weights is not None else None
     rows = tuple(x.view(labels.shape) for x in (d, ls_x, lt_x))
-    return rows, grads, saved, scale
+    return rows, grads, saved
 
 
-def linear_backward(inputs, shapes, plan: SweepPlan, direct: bool, grads, saved, scale, grad_d):
+# A sequence's dL/dd counts as k * s when they agree to this relative difference: its weight is
+# then not capped, or capped within fp32 rounding of it (float64 k_b: 2-3 fp32 ulps apart).
+_CAP_RTOL = 1e-5
+# The sequence k is taken from has a factor within exp(30) of the largest, so its scale is a
+# normal fp32 number whatever the spread of the factors.
+_REF_LOG_RANGE = 30.0
+
+
+def _weight_scale(grad_d: torch.Tensor, mask: torch.Tensor, seq: torch.Tensor):
+    """``k`` (0-dim float64) with ``dL/dd = k * s`` on uncapped sequences, and per sequence the
+    mean ``dL/dd`` over its valid rows and ``k * s_b`` (B,) float64. No host read."""
+    scale, rel = seq.unbind(0)
+    count = mask.sum(-1).to(torch.float64)
+    gd = torch.where(mask, grad_d.to(torch.float64), torch.zeros((), dtype=torch.float64))
+    # Per sequence, <grad_d_b, s_b> / <s_b, s_b> with s_b constant over its valid rows.
+    mean_gd = gd.sum(-1) / count.clamp(min=1)
+    valid = (count > 0) & (scale > 0)
+    k_b = mean_gd / torch.where(valid, scale, torch.ones_like(scale))
+    # The smallest factor cannot be capped (its weight is at most 1).
+    eligible = valid & (rel >= -_REF_LOG_RANGE)
+    pick = torch.where(eligible, rel, torch.full_like(rel, math.inf)).argmin()
+    k = torch.where(eligible.any(), k_b[pick], torch.zeros((), dtype=torch.float64))
+    return k, mean_gd, k * scale
+
+
+def linear_backward(inputs, shapes, plan: SweepPlan, grads: ForwardGrads, saved, grad_d,
+                    in_place: bool = False):  # fmt: skip
     """``(grad_hidden, grad_weight, grad_bias)`` of the student (None where not wanted);
-    ``shapes`` is ``(hidden shape, hidden dtype, weight dtype, bias dtype)``."""
+    ``shapes`` is ``(hidden shape, hidden dtype, weight dtype, bias dtype)``.
+
+    ``in_place``: scale the forward's weight and bias sums in place and hand them out (the eager
+    Function does, once; a weight-sized buffer less at the backward's peak). Without them (a second
+    eager backward), both are recomputed from the inputs: both logits and the weight gradient.
+    """
     h_s, w_s, b_s, h_t, w_t, b_t, labels = inputs
     h_shape, h_dtype, w_dtype, b_dtype = shapes
     want_h, want_w, want_b = plan.want
-    grad_d = grad_d.reshape(-1).float()
+    grad_d = grad_d.reshape(labels.shape).float()
     g_h = g_w = g_b = None
-    if direct:
-        k = (grad_d * scale).sum() / (scale * scale).sum().clamp(
-            min=torch.finfo(torch.float32).tiny
-        )
-        g_h = None if grads.hidden is None else grads.hidden * k
-        g_w = None if grads.weight is None else grads.weight * k
-        g_b = None if grads.bias is None else grads.bias * k
-    else:
-        if want_h:
-            g_h = grads.hidden * grad_d.unsqueeze(-1)
-        if want_w or want_b:
-            flat_s, flat_t = flat_rows(h_s), flat_rows(h_t)
-            swept = grad_sweep(
-                flat_s, w_s, b_s, flat_t, w_t, b_t, labels.reshape(-1), plan, saved, grad_d
-            )
-            g_w, g_b = swept.weight, swept.bias
+    if want_h:
+        g_h = grads.hidden * grad_d.reshape(-1, 1)
+    if want_w or want_b:
+        if (want_w and grads.weight is None) or (want_b and grads.bias is None):
+            g_w, g_b = _recompute(inputs, plan, saved, grad_d, [(0, labels.numel())])
+        else:
+            g_w, g_b = _scaled_sums(inputs, plan, grads, saved, grad_d, in_place)
     return (
         None if g_h is None else g_h.to(h_dtype).view(h_shape),
         None if g_w is None else g_w.to(w_dtype),
         None if g_b is None else g_b.to(b_dtype),
     )
+
+
+def _recompute(inputs, plan: SweepPlan, saved, grad_d, ranges, into=None):
+    """The weight and bias gradients of the rows in ``ranges`` at ``dL/dd = grad_d`` (B, T),
+    recomputed from the inputs (added into ``into = (g_w, g_b)`` when given)."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = inputs
+    want_w, want_b = plan.want[1:]
+    if into is None:
+        into = tuple(
+            torch.zeros(shape, dtype=torch.float32, device=w_s.device) if on else None
+            for shape, on in ((w_s.shape, want_w), (w_s.shape[:1], want_b))
+        )
+    grad_sweep(
+        flat_rows(h_s), w_s, b_s, flat_rows(h_t), w_t, b_t, labels.reshape(-1), plan, saved,
+        grad_d.reshape(-1), ranges, GradBuffers(None, *into),
+    )  # fmt: skip
+    return into
+
+
+def _scaled_sums(inputs, plan: SweepPlan, grads: ForwardGrads, saved, grad_d, in_place: bool):
+    """``k G`` and ``k Gb``, corrected for capped sequences."""
+    labels = inputs[-1]
+    mask = labels != plan.params.ignore_index
+    k, mean_gd, expected = _weight_scale(grad_d, mask, grads.seq)
+    k32 = k.float()
+    sums = (grads.weight, grads.bias)
+    if in_place:
+        g_w, g_b = (None if x is None else x.mul_(k32) for x in sums)
+    else:
+        g_w, g_b = (None if x is None else x * k32 for x in sums)
+    if plan.weights.capped:
+        # One host read, only for batch_mean with more than 10 sequences.
+        off = (mean_gd - expected).abs() > _CAP_RTOL * mean_gd.abs()
+        capped = off.nonzero().flatten().tolist()
+        if capped:
+            seq_len = labels.shape[1]
+            rows = grad_d - expected.float().unsqueeze(1)
+            ranges = [(b * seq_len, (b + 1) * seq_len) for b in capped]
+            _recompute(inputs, plan, saved, rows, ranges, (g_w, g_b))
+    return g_w, g_b
 
 
 class FusedLinearFunction(torch.autograd.Function):
@@ -202,28 +284,29 @@ class FusedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, plan: SweepPlan, direct: bool):
-        rows, grads, saved, scale = linear_forward(
-            h_s, w_s, b_s, h_t, w_t, b_t, labels, plan, direct
-        )
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, plan: SweepPlan):
+        rows, grads, saved = linear_forward(h_s, w_s, b_s, h_t, w_t, b_t, labels, plan)
         ctx.set_materialize_grads(False)
-        ctx.plan, ctx.direct, ctx.grads = plan, direct, grads
+        ctx.plan, ctx.grads = plan, grads
         ctx.shapes = (h_s.shape, h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
-        # The inputs are kept only for the weight-gradient recompute (the teacher's hidden
-        # states would otherwise be freed after the forward).
-        inputs = (h_s, w_s, b_s, h_t, w_t, b_t, labels) if saved is not None else (None,) * 7
-        ctx.save_for_backward(*inputs, saved, scale)
+        # The inputs are kept only where the backward may recompute rows (the weight or bias
+        # gradient: capped sequences, a second backward).
+        inputs = (h_s, w_s, b_s, h_t, w_t, b_t) if saved is not None else (None,) * 6
+        ctx.save_for_backward(*inputs, labels, saved)
         ctx.mark_non_differentiable(rows[1], rows[2])
         return rows
 
     @staticmethod
     def backward(ctx, grad_d, _grad_ls_x, _grad_lt_x):
         no_double_backward()
-        nones = (None,) * 6
+        nones = (None,) * 5
         if grad_d is None or not any(ctx.plan.want):
             return (None, None, None, *nones)
-        *inputs, saved, scale = ctx.saved_tensors
+        *inputs, saved = ctx.saved_tensors
         grads = linear_backward(
-            inputs, ctx.shapes, ctx.plan, ctx.direct, ctx.grads, saved, scale, grad_d
+            inputs, ctx.shapes, ctx.plan, ctx.grads, saved, grad_d, in_place=True
         )
+        # The weight and bias sums were handed out (scaled in place): a second backward
+        # recomputes them.
+        ctx.grads.weight = ctx.grads.bias = None
         return (*grads, *nones)

@@ -21,9 +21,16 @@ from __future__ import annotations
 import torch
 
 from ..ops.backends import resolve_backend
-from ..ops.linear import GradBuffers, SweepPlan
+from ..ops.linear import ForwardGrads, SweepPlan
 from ..ops.rows import TEACHER_KINDS, DivergenceParams, RowStats
-from .autograd import linear_backward, linear_forward, rows_backward, rows_forward
+from .autograd import (
+    linear_backward,
+    linear_forward,
+    linear_weights,
+    rows_backward,
+    rows_forward,
+)
+from .options import ReNIOOptions
 
 __all__ = ["check_labels_async", "fused_linear_op", "row_stats_op"]
 
@@ -33,7 +40,11 @@ _OPTIONS += "str backend"
 _N_OPTIONS = 6
 _TEACHER = "Tensor[] teacher, Tensor labels, str teacher_kind"
 _LINEAR = "Tensor h_s, Tensor w_s, Tensor? b_s, Tensor h_t, Tensor w_t, Tensor? b_t, Tensor labels"
-_WANT = "int chunk_size, bool want_h, bool want_w, bool want_b, bool direct"
+_WANT = "int chunk_size, bool want_h, bool want_w, bool want_b, "
+# The options of the per-sequence weights (``autograd.linear_weights``).
+_WANT += "bool use_renio, float? ratio_clip, float threshold, float weight_temperature, "
+_WANT += "str weight_norm"
+_N_WANT = 9
 
 
 def _returns(n: int) -> str:
@@ -199,13 +210,25 @@ def check_labels_async(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
 # --- the fused-linear loss -----------------------------------------------------------------------
 
 
-def _plan(h_s, w_s, h_t, labels, args) -> tuple[SweepPlan, bool]:
-    """The plan and the ``direct`` flag from the ops' ``{_OPTIONS}, {_WANT}`` arguments."""
-    options, (chunk_size, *want, direct) = args[:_N_OPTIONS], args[_N_OPTIONS:]
-    plan = SweepPlan.build(
-        _params(*options[:5]), options[5], h_s, w_s, h_t, labels, chunk_size or None, want
-    )
-    return plan, direct
+def _linear_options(params: DivergenceParams, weight_args) -> ReNIOOptions:
+    use_renio, ratio_clip, threshold, weight_temperature, weight_norm = weight_args
+    return ReNIOOptions(
+        use_renio=bool(use_renio), ratio_clip=ratio_clip, threshold=threshold,
+        weight_temperature=weight_temperature, weight_norm=weight_norm,
+        ignore_index=params.ignore_index,
+    )  # fmt: skip
+
+
+def _plan(h_s, w_s, h_t, labels, args) -> SweepPlan:
+    """The plan from the ops' ``{_OPTIONS}, {_WANT}`` arguments."""
+    options, (chunk_size, *rest) = args[:_N_OPTIONS], args[_N_OPTIONS:]
+    want, weight_args = rest[:3], rest[3:]
+    params = _params(*options[:5])
+    opts = _linear_options(params, weight_args)
+    return SweepPlan.build(
+        params, options[5], h_s, w_s, h_t, labels, chunk_size or None, want,
+        linear_weights(opts, labels, want),
+    )  # fmt: skip
 
 
 @torch.library.custom_op(
@@ -215,55 +238,57 @@ def _plan(h_s, w_s, h_t, labels, args) -> tuple[SweepPlan, bool]:
 )
 def fused_linear_fwd(h_s, w_s, b_s, h_t, w_t, b_t, labels, *args):
     """``(d, ls_x, lt_x)`` (B, T) fp32, the gradient buffers the forward formed ``(hidden,
-    weight, bias)`` (fp32, empty where not formed), ``saved`` (3, N) and ``scale`` (N,) (empty
-    where the backward does not need them); see ``autograd.linear_forward``."""
-    plan, direct = _plan(h_s, w_s, h_t, labels, args)
-    rows, grads, saved, scale = linear_forward(h_s, w_s, b_s, h_t, w_t, b_t, labels, plan, direct)
+    weight, bias)`` (fp32, empty where not formed), and ``saved`` (3, N) and ``seq`` (2, B)
+    float64 (both empty without a weight or bias gradient); see ``autograd.linear_forward``."""
+    plan = _plan(h_s, w_s, h_t, labels, args)
+    rows, grads, saved = linear_forward(h_s, w_s, b_s, h_t, w_t, b_t, labels, plan)
     empty = _empty(h_s)
-    bufs = (None, None, None) if grads is None else (grads.hidden, grads.weight, grads.bias)
-    extra = (*bufs, saved, scale)
+    grads = grads or ForwardGrads(None)
+    extra = (grads.hidden, grads.weight, grads.bias, saved, grads.seq)
     return (*(x.clone() for x in rows), *(empty.clone() if x is None else x for x in extra))
 
 
 @fused_linear_fwd.register_fake
 def _fused_linear_fwd_fake(h_s, w_s, b_s, h_t, w_t, b_t, labels, *args):
-    want_h, want_w, want_b, direct = args[_N_OPTIONS + 1 :]
+    want_h, want_w, want_b = args[_N_OPTIONS + 1 : _N_OPTIONS + 4]
     n = labels.numel()
 
-    def f32(shape, on: bool):
-        return h_s.new_empty(shape if on else (0,), dtype=torch.float32)
+    def f32(shape, on: bool, dtype=torch.float32):
+        return h_s.new_empty(shape if on else (0,), dtype=dtype)
 
     rows = [f32(labels.shape, True) for _ in range(3)]
     grads = (
         f32((n, h_s.shape[-1]), want_h),
-        f32(tuple(w_s.shape), direct and want_w),
-        f32((w_s.shape[0],), direct and want_b),
+        f32(tuple(w_s.shape), want_w),
+        f32((w_s.shape[0],), want_b),
     )
-    return (*rows, *grads, f32((3, n), not direct and (want_w or want_b)), f32((n,), direct))
+    saved = f32((3, n), want_w or want_b)
+    seq = f32((2, labels.shape[0]), want_w or want_b, torch.float64)
+    return (*rows, *grads, saved, seq)
 
 
 @torch.library.custom_op(
     "renio::fused_linear_bwd",
     mutates_args=(),
-    schema=f"({_LINEAR}, Tensor g_h, Tensor g_w, Tensor g_b, Tensor saved, Tensor scale, "
+    schema=f"({_LINEAR}, Tensor g_h, Tensor g_w, Tensor g_b, Tensor saved, Tensor seq, "
     f"Tensor grad_d, {_OPTIONS}, {_WANT}) -> {_returns(3)}",
 )
-def fused_linear_bwd(h_s, w_s, b_s, h_t, w_t, b_t, labels, g_h, g_w, g_b, saved, scale, grad_d,
+def fused_linear_bwd(h_s, w_s, b_s, h_t, w_t, b_t, labels, g_h, g_w, g_b, saved, seq, grad_d,
                      *args):  # fmt: skip
     """The student's hidden, weight and bias gradients (in their dtypes; empty when not wanted)."""
-    plan, direct = _plan(h_s, w_s, h_t, labels, args)
-    grads = GradBuffers(*(x if x.numel() > 0 else None for x in (g_h, g_w, g_b)))
+    plan = _plan(h_s, w_s, h_t, labels, args)
+    grads = ForwardGrads(*(x if x.numel() > 0 else None for x in (g_h, g_w, g_b, seq)))
     shapes = (h_s.shape, h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
     out = linear_backward(
-        (h_s, w_s, b_s, h_t, w_t, b_t, labels), shapes, plan, direct, grads,
-        saved if saved.numel() > 0 else None, scale if scale.numel() > 0 else None, grad_d,
+        (h_s, w_s, b_s, h_t, w_t, b_t, labels), shapes, plan, grads,
+        saved if saved.numel() > 0 else None, grad_d,
     )  # fmt: skip
     return tuple(w_s.new_empty((0,)) if x is None else x for x in out)
 
 
 @fused_linear_bwd.register_fake
 def _fused_linear_bwd_fake(h_s, w_s, b_s, *args):
-    want_h, want_w, want_b = args[-4:-1]  # the last arguments are want_h, want_w, want_b, direct
+    want_h, want_w, want_b = args[-_N_WANT + 1 : -_N_WANT + 4]
     return (
         torch.empty_like(h_s) if want_h else w_s.new_empty((0,)),
         torch.empty_like(w_s) if want_w else w_s.new_empty((0,)),
@@ -280,7 +305,7 @@ def _fused_linear_setup(ctx, inputs, output) -> None:
 
 
 def _fused_linear_backward(ctx, grad_d, *_unused):
-    nones = (None,) * 15
+    nones = (None,) * (4 + len(ctx.options))
     want = ctx.options[_N_OPTIONS + 1 : _N_OPTIONS + 4]
     if grad_d is None or not any(want):
         return (None, None, None, *nones)
@@ -292,10 +317,12 @@ fused_linear_fwd.register_autograd(_fused_linear_backward, setup_context=_fused_
 
 
 def fused_linear_op(student, teacher, labels, params: DivergenceParams, backend: str,
-                    chunk_size: int | None, want, direct: bool):  # fmt: skip
+                    chunk_size: int | None, want, opts):  # fmt: skip
     """``(d, ls[x], lt[x])`` of the fused-linear loss through the custom ops."""
+    ratio_clip = None if opts.ratio_clip is None else float(opts.ratio_clip)
     d, ls_x, lt_x, *_ = fused_linear_fwd(
         *student, *teacher, labels, *_schema_options(params), backend, chunk_size or 0, *want,
-        direct,
+        bool(opts.use_renio), ratio_clip, float(opts.threshold), float(opts.weight_temperature),
+        opts.weight_norm,
     )  # fmt: skip
     return d, ls_x, lt_x

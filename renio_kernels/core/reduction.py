@@ -9,11 +9,91 @@ backward are handled by torch, and the kernels' backward only receives a per-row
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .options import WEIGHT_NORMS, ReNIOOptions
 
-__all__ = ["sequence_weights", "reduce_renio", "reduce_sampled_rkl", "update_ema"]
+__all__ = [
+    "BATCH_MEAN_CAP",
+    "cap_can_bind",
+    "factor_span",
+    "log_ratio",
+    "normalize_factors",
+    "reduce_renio",
+    "reduce_sampled_rkl",
+    "sequence_factors",
+    "sequence_log_factors",
+    "sequence_weights",
+    "update_ema",
+]
+
+# ``weight_norm="clamp"`` bounds each factor to this range before the normalization.
+_CLAMP_RANGE = (0.1, 10.0)
+# ``weight_norm="batch_mean"`` caps the normalized weight here.
+BATCH_MEAN_CAP = 10.0
+
+
+def log_ratio(
+    ls_x: torch.Tensor, lt_x: torch.Tensor, mask: torch.Tensor, ratio_clip: float | None
+) -> torch.Tensor:
+    """``r = min(ls[x] - lt[x], ratio_clip)`` in float64, 0 at ignored positions (no gradient)."""
+    r = (ls_x - lt_x).detach().to(torch.float64)
+    if ratio_clip is not None:
+        r = torch.clamp(r, max=ratio_clip)
+    return torch.where(mask, r, torch.zeros((), dtype=r.dtype))
+
+
+def sequence_factors(
+    r: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    threshold: float = 0.8,
+    weight_temperature: float = 1.0,
+    weight_norm: str = "batch_mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sequence's unnormalized factor ``f (B,)``, ``e = exp(rbar / weight_temperature)``
+    and the selected-token mask; runs in ``r``'s dtype.
+
+    ``f = e``, or ``clamp(e, 0.1, 10)`` for ``weight_norm="clamp"``. A sequence's factor depends on
+    its own rows only, so the fused-linear forward takes it as soon as the sequence's last row is
+    done; the weights are ``f`` times a batch-wide normalizer (``normalize_factors``), except
+    where ``batch_mean`` caps them.
+    """
+    if weight_norm not in WEIGHT_NORMS:
+        raise ValueError(f"unknown weight_norm {weight_norm!r}; expected one of {WEIGHT_NORMS}")
+    r = r.detach()
+    selected = mask & (r >= threshold)
+    count = selected.sum(-1)
+    rbar = torch.where(selected, r, torch.zeros((), dtype=r.dtype)).sum(-1) / count.clamp(min=1)
+    e = torch.exp(rbar / weight_temperature)
+    f = torch.clamp(e, *_CLAMP_RANGE) if weight_norm == "clamp" else e
+    return f, e, selected
+
+
+def normalize_factors(
+    f: torch.Tensor, e: torch.Tensor, weight_norm: str, ema_mean: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights ``w (B,)`` from the factors, and ``mean_b(e)`` (for the ema state).
+
+    ``batch_mean``: ``min(f / mean(f), 10)``; ``clamp``: ``f / mean(f)``; ``none``: ``f``;
+    ``ema``: ``f / m`` with ``m`` the running mean after this batch (``ema_mean`` is the state
+    before it: None or NaN on the first call).
+    """
+    mean_e = e.mean()
+    if weight_norm == "batch_mean":
+        return torch.clamp(f / f.mean(), max=BATCH_MEAN_CAP), mean_e
+    if weight_norm == "clamp":
+        return f / f.mean(), mean_e
+    if weight_norm == "none":
+        return f, mean_e
+    if ema_mean is None:
+        m = mean_e
+    else:
+        prev = ema_mean.to(e.dtype)
+        m = torch.where(torch.isnan(prev), mean_e, 0.1 * mean_e + 0.9 * prev)
+    return f / m, mean_e
 
 
 def sequence_weights(
@@ -30,29 +110,53 @@ def sequence_weights(
     ``ema_mean`` is the running mean *before* this call (None or NaN on the first call); the
     caller updates its state from the returned batch mean. Runs in ``r``'s dtype.
     """
-    r = r.detach()
-    selected = mask & (r >= threshold)
-    count = selected.sum(-1)
-    rbar = torch.where(selected, r, torch.zeros((), dtype=r.dtype)).sum(-1) / count.clamp(min=1)
-    e = torch.exp(rbar / weight_temperature)
-    mean_e = e.mean()
-    if weight_norm == "batch_mean":
-        w = torch.clamp(e / mean_e, max=10.0)
-    elif weight_norm == "clamp":
-        w = torch.clamp(e, 0.1, 10.0)
-        w = w / w.mean()
-    elif weight_norm == "none":
-        w = e
-    elif weight_norm == "ema":
-        if ema_mean is None:
-            m = mean_e
-        else:
-            prev = ema_mean.to(e.dtype)
-            m = torch.where(torch.isnan(prev), mean_e, 0.1 * mean_e + 0.9 * prev)
-        w = e / m
-    else:
-        raise ValueError(f"unknown weight_norm {weight_norm!r}; expected one of {WEIGHT_NORMS}")
+    f, e, selected = sequence_factors(
+        r, mask, threshold=threshold, weight_temperature=weight_temperature,
+        weight_norm=weight_norm,
+    )  # fmt: skip
+    w, mean_e = normalize_factors(f, e, weight_norm, ema_mean)
     return w, selected, mean_e
+
+
+def sequence_log_factors(
+    ls_x: torch.Tensor, lt_x: torch.Tensor, labels: torch.Tensor, opts
+) -> torch.Tensor:
+    """``log f`` (S,) float64 of S complete sequences from their rows ``(S, T)``, the factors of
+    ``reduce_renio``'s weights (0 for every sequence with ``use_renio=False``); ``-inf`` for a
+    sequence without a valid token, whose rows carry no gradient."""
+    mask = labels != opts.ignore_index
+    valid = mask.any(-1)
+    if opts.use_renio:
+        r = log_ratio(ls_x, lt_x, mask, opts.ratio_clip)
+        f, _, _ = sequence_factors(
+            r, mask, threshold=opts.threshold, weight_temperature=opts.weight_temperature,
+            weight_norm=opts.weight_norm,
+        )  # fmt: skip
+        log_f = torch.log(f)
+    else:
+        log_f = torch.zeros(valid.shape, dtype=torch.float64, device=valid.device)
+    return torch.where(valid, log_f, torch.full((), -math.inf, dtype=torch.float64))
+
+
+def cap_can_bind(opts, batch: int) -> bool:
+    """Whether ``batch_mean``'s cap can make a weight differ from ``f_b`` times one batch-wide
+    scalar: ``e_b / mean(e) <= B``, so only with more than 10 sequences."""
+    return bool(opts.use_renio) and opts.weight_norm == "batch_mean" and batch > BATCH_MEAN_CAP
+
+
+def factor_span(opts) -> float | None:
+    """An upper bound of ``max_b log f_b - min_b log f_b`` that the options guarantee (None when
+    they bound nothing: ``ratio_clip=None``). ``rbar`` is 0 (nothing selected) or in
+    ``[threshold, ratio_clip]``."""
+    if not opts.use_renio:
+        return 0.0
+    if opts.weight_norm == "clamp":
+        return math.log(_CLAMP_RANGE[1] / _CLAMP_RANGE[0])
+    if opts.ratio_clip is None:
+        return None
+    hi = max(0.0, float(opts.ratio_clip))
+    lo = min(0.0, float(opts.threshold)) if opts.threshold <= opts.ratio_clip else 0.0
+    return (hi - lo) / float(opts.weight_temperature)
 
 
 def update_ema(ema_state: torch.Tensor, mean_e: torch.Tensor) -> None:
@@ -80,10 +184,7 @@ def reduce_renio(
     """
     n = mask.sum(-1).clamp(min=1).to(d.dtype)
     divergence = d.sum(-1) / n
-    r = (ls_x - lt_x).detach().to(torch.float64)
-    if opts.ratio_clip is not None:
-        r = torch.clamp(r, max=opts.ratio_clip)
-    r = torch.where(mask, r, torch.zeros((), dtype=r.dtype))
+    r = log_ratio(ls_x, lt_x, mask, opts.ratio_clip)
     w, selected, mean_e = sequence_weights(
         r,
         mask,

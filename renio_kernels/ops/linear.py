@@ -1,10 +1,27 @@
-"""Token chunks for the fused-linear loss: the chunk planner and the last-layer matmuls.
+"""Token chunks for the fused-linear loss: the chunk planner, the last-layer matmuls and the
+sweeps over the chunks.
 
-A chunk is a range ``[r0, r1)`` of the flattened ``B * T`` tokens. Per chunk the loss forms
-``logits = hidden[r0:r1] @ weight.T (+ bias)`` in fp32 for each side, hands them to the row
-kernels, and (backward) turns the fp32 logits gradient ``g`` into
+A chunk is a range ``[r0, r1)`` of the flattened ``B * T`` tokens. Per chunk the forward sweep
+forms ``logits = hidden[r0:r1] @ weight.T (+ bias)`` in fp32 for each side, hands them to the row
+kernels, which return the row statistics and the unit-scale logits gradient ``u`` (the gradient
+of ``d``; ``dL/dd`` is applied later), and turns ``u`` into
 
-    grad_hidden[r0:r1] = g @ weight        grad_weight += g.T @ hidden[r0:r1]     grad_bias += sum g
+    grad_hidden[r0:r1] = u @ weight        G += u.T @ (s * hidden[r0:r1])     Gb += u.T @ s
+
+where ``s`` weights each row by its sequence's factor (``SequenceWeights``). That is four
+(rows x vocab x hidden) matmuls per chunk, each once: the backward only scales what the forward
+formed (see ``core.autograd``).
+
+Sequence weighting: ``dL/dd[b, t] = grad_output * w_b / (B * n_b)`` where ``w_b`` is, for every
+``weight_norm``, a factor ``f_b`` of sequence ``b``'s own rows times one batch-wide scalar (except
+where ``batch_mean`` caps it, which the backward corrects). ``f_b`` is known once sequence ``b``'s
+last row has been through the row kernels, so the weight-gradient rows of a sequence go into
+``G`` when it closes: whole sequences per chunk when one fits in the chunk budget (the automatic
+plan puts chunk boundaries on sequence boundaries), else the rows of the one sequence still open
+at a chunk boundary wait in a second fp32 accumulator (or in ``G`` itself while ``G`` holds nothing
+else) and are added to ``G`` with their factor when the sequence closes. ``G`` is kept relative to
+a reference ``exp(L)`` so that the factors, which ``exp(rbar / weight_temperature)`` can take far
+outside fp32's range, are only ever applied as ratios: see ``_WeightedGrads``.
 
 Precision: the logits are never rounded below fp32 before the softmax (Liger #1432) and the weight
 gradient is accumulated across chunks in fp32 (Liger #1391). How the matmuls get there depends on
@@ -12,11 +29,13 @@ the operands (``Gemm``):
 
 * fp32 operands (or mixed dtypes, e.g. bf16 hidden states from autocast with an fp32 weight):
   plain fp32 matmuls; low-precision operands are upcast, hidden rows per chunk and the weight once
-  per sweep.
+  per sweep. On CPU the logits and ``u @ W`` go through oneDNN's fp32 linear, which is much faster
+  than MKL's sgemm on the measured AMD machine (``config.FUSED_LINEAR_CPU_ONEDNN``); the weight
+  gradient through MKL's ``addmm_``, which accumulates in place.
 * bf16/fp16 hidden and weight on CUDA: ``torch.mm(..., out_dtype=torch.float32)`` multiplies the
   low-precision tensors on the tensor cores and writes an fp32 result (fp32 accumulation, no
-  rounding of the logits). The logits gradient is rounded to the weight's dtype for the two
-  gradient matmuls, as an unfused bf16 model's backward does.
+  rounding of the logits). ``u`` and the weighted hidden rows are rounded to the weight's dtype for
+  the two gradient matmuls, as an unfused bf16 model's backward does.
 * bf16/fp16 on CPU: CPU torch has no low-precision matmul with an fp32 result, so the weight is
   upcast once per sweep (a transient weight-sized fp32 copy; nothing that grows with ``B * T``).
 """
@@ -26,21 +45,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from ..config import FUSED_LINEAR_CHUNK_ELEMENTS, FUSED_LINEAR_MIN_ROWS
+from .. import config
+from ..config import (
+    FUSED_LINEAR_CHUNK_ELEMENTS,
+    FUSED_LINEAR_MAX_CHUNK_ELEMENTS,
+    FUSED_LINEAR_MAX_ROWS,
+    FUSED_LINEAR_MIN_ROWS,
+    FUSED_LINEAR_TOTAL_PER_VOCAB,
+)
 from .backends import resolve_backend
 from .rows import DenseTeacher, DivergenceParams, RowBackend, RowStats
 
 __all__ = [
+    "ForwardGrads",
     "Gemm",
     "GradBuffers",
     "LinearSide",
+    "SequenceWeights",
     "SweepPlan",
     "chunk_bounds",
+    "chunk_cap",
     "flat_rows",
     "forward_sweep",
     "grad_sweep",
@@ -51,6 +80,33 @@ __all__ = [
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def chunk_cap(vocab: int, hidden_s: int, hidden_t: int, device: torch.device) -> int:
+    """The most rows per chunk the device's budget allows (and that pay off).
+
+    Per chunk row the sweep holds ``3 * vocab + hidden_s + hidden_t`` fp32 values (student and
+    teacher logits, the logits gradient, hidden rows). Where ``FUSED_LINEAR_TOTAL_PER_VOCAB`` is
+    set (CPU), they get what ``FUSED_LINEAR_TOTAL_PER_VOCAB * vocab`` elements leave after the
+    two weight-sized fp32 accumulators (at most ``FUSED_LINEAR_MAX_CHUNK_ELEMENTS``), unless that
+    is under ``_TOTAL_MIN_ROWS`` rows (a large hidden size, where the accumulators alone take it,
+    or a huge vocabulary); otherwise ``FUSED_LINEAR_CHUNK_ELEMENTS``.
+    Between ``FUSED_LINEAR_MIN_ROWS`` and ``FUSED_LINEAR_MAX_ROWS`` rows.
+    """
+    kind = device.type if device.type in FUSED_LINEAR_CHUNK_ELEMENTS else "cpu"
+    per_row = 3 * vocab + hidden_s + hidden_t
+    cap = FUSED_LINEAR_CHUNK_ELEMENTS[kind] // per_row
+    per_vocab = FUSED_LINEAR_TOTAL_PER_VOCAB.get(kind)
+    if per_vocab is not None:
+        left = min((per_vocab - 2 * hidden_s) * vocab, FUSED_LINEAR_MAX_CHUNK_ELEMENTS[kind])
+        if left >= _TOTAL_MIN_ROWS * per_row:
+            cap = left // per_row
+    return max(FUSED_LINEAR_MIN_ROWS, min(cap, FUSED_LINEAR_MAX_ROWS.get(kind, cap)))
+
+
+# Fewer rows than this cost the chunk matmuls a sixth of their rate or more (216 against 259
+# GFLOP/s with 64 and 256 rows at V = 151936, fused_linear_gemm.md): use the chunk budget then.
+_TOTAL_MIN_ROWS = 64
+
+
 def plan_chunk_rows(
     n_rows: int,
     vocab: int,
@@ -59,24 +115,36 @@ def plan_chunk_rows(
     device: torch.device,
     chunk_size: int | None = None,
 ) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else from the device's element budget.
-
-    Per chunk row the sweeps hold ``3 * vocab + hidden_s + hidden_t`` fp32 values (student and
-    teacher logits, the logits gradient, upcast hidden rows). The automatic size is balanced over
-    the chunks, so the last one is not a nearly empty, inefficient GEMM.
-    """
+    """Rows per chunk: ``chunk_size`` if given, else ``chunk_cap`` balanced over the chunks, so
+    the last one is not a nearly empty, inefficient GEMM."""
     if chunk_size is not None:
         return max(1, min(chunk_size, n_rows))
-    budget = FUSED_LINEAR_CHUNK_ELEMENTS.get(device.type, FUSED_LINEAR_CHUNK_ELEMENTS["cpu"])
-    per_row = 3 * vocab + hidden_s + hidden_t
-    cap = max(FUSED_LINEAR_MIN_ROWS, budget // per_row)
+    cap = chunk_cap(vocab, hidden_s, hidden_t, device)
     n_chunks = math.ceil(n_rows / cap)
     return math.ceil(n_rows / n_chunks)
 
 
-def chunk_bounds(n_rows: int, rows: int) -> Iterator[tuple[int, int]]:
-    for r0 in range(0, n_rows, rows):
-        yield r0, min(n_rows, r0 + rows)
+def chunk_bounds(n_rows: int, rows: int, seq_len: int | None = None) -> list[tuple[int, int]]:
+    """Chunks ``[r0, r1)`` of at most ``rows`` tokens.
+
+    With ``seq_len``, boundaries fall on sequence boundaries: as many whole sequences per chunk
+    as fit (balanced), or, for a sequence longer than ``rows``, that sequence in balanced pieces.
+    Without it, ``rows`` tokens per chunk whatever the sequences.
+    """
+    if seq_len is None or seq_len < 1 or n_rows % seq_len:
+        return [(r0, min(n_rows, r0 + rows)) for r0 in range(0, n_rows, rows)]
+    if seq_len <= rows:
+        n_seq = n_rows // seq_len
+        per = rows // seq_len
+        per = math.ceil(n_seq / math.ceil(n_seq / per))
+        step = per * seq_len
+        return [(r0, min(n_rows, r0 + step)) for r0 in range(0, n_rows, step)]
+    piece = math.ceil(seq_len / math.ceil(seq_len / rows))
+    return [
+        (r0, min(s0 + seq_len, r0 + piece))
+        for s0 in range(0, n_rows, seq_len)
+        for r0 in range(s0, s0 + seq_len, piece)
+    ]
 
 
 @functools.cache
@@ -92,12 +160,32 @@ def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+@functools.cache
+def _onednn_linear_works() -> bool:
+    """Whether this torch has oneDNN's fp32 linear (``mkldnn::_linear_pointwise``, the op
+    inductor's CPU linear lowers to) and it agrees with ``torch.mm`` on both operand layouts the
+    sweep uses; probed once on tiny tensors."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(s, generator=g) for s in ((5, 7), (9, 7), (9,)))
+        ok = torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.T), atol=1e-5)
+        y = torch.randn((5, 9), generator=g)
+        return ok and torch.allclose(op(y, w.T, None, "none", [], ""), y @ w, atol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 @dataclass(frozen=True)
 class Gemm:
-    """How one side's matmuls reach an fp32 result (see the module docstring)."""
+    """How one side's matmuls reach an fp32 result (see the module docstring). Every
+    (rows x vocab x hidden) matmul of the sweeps goes through ``mm`` or ``addmm_``."""
 
     native: bool  # low-precision operands, fp32 result from the GEMM itself
     dtype: torch.dtype  # operand dtype when native, else float32
+    onednn: bool = False  # fp32 CPU products through oneDNN (``config.FUSED_LINEAR_CPU_ONEDNN``)
 
     @staticmethod
     def for_operands(hidden: torch.Tensor, weight: torch.Tensor) -> Gemm:
@@ -107,16 +195,51 @@ class Gemm:
             and hidden.device.type == "cuda"
             and _mm_out_dtype_works(hidden.device, hidden.dtype)
         )
-        return Gemm(native, hidden.dtype if native else torch.float32)
+        onednn = (
+            not native
+            and hidden.device.type == "cpu"
+            and config.FUSED_LINEAR_CPU_ONEDNN
+            and weight.is_contiguous()
+            and _onednn_linear_works()
+        )
+        return Gemm(native, hidden.dtype if native else torch.float32, onednn)
 
     def operand(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.dtype == self.dtype else x.to(self.dtype)
 
-    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b`` in fp32; ``a`` and ``b`` already in ``self.dtype``."""
+    def mm(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """``a @ b (+ bias)`` in fp32 (into ``out`` if given); ``a`` and ``b`` already in
+        ``self.dtype``. oneDNN makes a new result (copied into ``out``: only the small rows of
+        ``u @ W`` are asked for that way; the logits take no buffer on this path)."""
+        if self.onednn and a.is_contiguous():
+            # oneDNN's linear takes the weight as (out, in): b.T, a view of the contiguous weight.
+            prod = torch.ops.mkldnn._linear_pointwise(a, b.T, bias, "none", [], "")
+            return prod if out is None else out.copy_(prod)
         if self.native:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.mm(a, b)
+            prod = torch.mm(a, b, out_dtype=torch.float32)
+            if bias is not None:
+                prod.add_(bias)
+            return prod if out is None else out.copy_(prod)
+        if bias is not None:
+            return torch.addmm(bias, a, b) if out is None else torch.addmm(bias, a, b, out=out)
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+    def addmm_(self, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float = 1.0,
+               alpha: float = 1.0) -> None:  # fmt: skip
+        """``c = beta * c + alpha * (a @ b)`` for an fp32 ``c``; ``beta=0`` ignores ``c``. (On
+        CPU through MKL's sgemm, which accumulates in place: oneDNN's linear has no in-place
+        accumulation, and a separate add would cost a pass over ``c`` per chunk.)"""
+        if not self.native:
+            c.addmm_(a, b, beta=beta, alpha=alpha)
+            return
+        prod = torch.mm(a, b, out_dtype=torch.float32)
+        if beta == 0:
+            torch.mul(prod, alpha, out=c)
+        else:
+            if beta != 1:
+                c.mul_(beta)
+            c.add_(prod, alpha=alpha)
 
 
 @dataclass(frozen=True)
@@ -138,12 +261,20 @@ class LinearSide:
             gemm,
         )
 
-    def logits(self, r0: int, r1: int) -> torch.Tensor:
+    def buffer(self, rows: int) -> torch.Tensor | None:
+        """A ``(rows, V)`` fp32 buffer the chunks' logits are written into, so that a sweep
+        allocates its logits once rather than per chunk; None when the GEMM makes its own result
+        (``out_dtype``, oneDNN)."""
+        if self.gemm.native or self.gemm.onednn:
+            return None
+        return torch.empty((rows, self.weight.shape[0]), dtype=torch.float32,
+                           device=self.hidden.device)  # fmt: skip
+
+    def logits(self, r0: int, r1: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """``(r1 - r0, V)`` fp32 logits of a chunk; never rounded below fp32."""
-        out = self.gemm.mm(self.gemm.operand(self.hidden[r0:r1]), self.weight.T)
-        if self.bias is not None:
-            out.add_(self.bias)
-        return out
+        out = None if buffer is None else buffer[: r1 - r0]
+        rows = self.gemm.operand(self.hidden[r0:r1])
+        return self.gemm.mm(rows, self.weight.T, out=out, bias=self.bias)
 
 
 @dataclass
@@ -154,37 +285,35 @@ class GradBuffers:
     weight: torch.Tensor | None = None  # (V, H) fp32 accumulator
     bias: torch.Tensor | None = None  # (V,) fp32 accumulator
 
-    @staticmethod
-    def allocate(
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        want: tuple[bool, bool, bool],
-        hidden_dtype: torch.dtype | None = None,
-    ) -> GradBuffers:
-        want_h, want_w, want_b = want
-        vocab, width = weight.shape
-        dev = hidden.device
-        h_dtype = hidden_dtype or hidden.dtype
-        return GradBuffers(
-            torch.empty(hidden.shape, dtype=h_dtype, device=dev) if want_h else None,
-            torch.zeros((vocab, width), dtype=torch.float32, device=dev) if want_w else None,
-            torch.zeros((vocab,), dtype=torch.float32, device=dev) if want_b else None,
-        )
-
     def accumulate(self, g: torch.Tensor, side: LinearSide, r0: int, r1: int) -> None:
         """Add the contribution of chunk ``[r0, r1)`` with fp32 logits gradient ``g (rows, V)``."""
         gemm = side.gemm
         g_op = gemm.operand(g)
         if self.hidden is not None:
-            self.hidden[r0:r1] = gemm.mm(g_op, side.weight)
+            gemm.mm(g_op, side.weight, out=self.hidden[r0:r1])
         if self.weight is not None:
-            h_op = gemm.operand(side.hidden[r0:r1])
-            if gemm.native:
-                self.weight.add_(gemm.mm(g_op.T, h_op))
-            else:
-                self.weight.addmm_(g_op.T, h_op)
+            gemm.addmm_(self.weight, g_op.T, gemm.operand(side.hidden[r0:r1]))
         if self.bias is not None:
             self.bias.add_(g.sum(0))
+
+
+@dataclass(frozen=True)
+class SequenceWeights:
+    """How the forward weights each sequence's rows in the weight and bias gradients. Built by
+    the core from the loss options (``core.reduction`` defines the factors); nothing here knows
+    the ReNIO formulas.
+
+    ``log_factor(ls_x, lt_x, labels)`` takes the rows ``(S, T)`` of S complete sequences and
+    returns ``log f`` (S,) float64, ``-inf`` for a sequence without a valid token. ``span``: an
+    upper bound of ``max log f - min log f`` that the options guarantee (None: unbounded).
+    ``capped``: some weights may not be ``f_b`` times the batch-wide scalar (``batch_mean``'s cap),
+    so the backward checks for them and corrects them.
+    """
+
+    seq_len: int
+    log_factor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    span: float | None
+    capped: bool
 
 
 @dataclass(frozen=True)
@@ -193,17 +322,43 @@ class SweepPlan:
 
     params: DivergenceParams
     backend: RowBackend
-    rows: int  # tokens per chunk
+    rows: int  # tokens per chunk (at most)
     want: tuple[bool, bool, bool]  # gradients wanted: student hidden, weight, bias
+    weights: SequenceWeights | None = None  # present when the weight or bias gradient is wanted
+    aligned: bool = False  # chunk boundaries on sequence boundaries (the automatic plan)
 
     @staticmethod
-    def build(params, backend: str, h_s, w_s, h_t, labels, chunk_size, want) -> SweepPlan:
+    def build(params, backend: str, h_s, w_s, h_t, labels, chunk_size, want,
+              weights: SequenceWeights | None = None) -> SweepPlan:  # fmt: skip
         """The plan of one call: the resolved row kernels and the tokens per chunk."""
-        rows = plan_chunk_rows(
-            labels.numel(), w_s.shape[0], h_s.shape[-1], h_t.shape[-1], h_s.device, chunk_size
-        )
         kernels = resolve_backend(backend, h_s.device, params.divergence)
-        return SweepPlan(params, kernels, rows, tuple(want))
+        vocab, h_s_dim, h_t_dim = w_s.shape[0], h_s.shape[-1], h_t.shape[-1]
+        aligned = chunk_size is None and weights is not None
+        if aligned:
+            rows = min(labels.numel(), chunk_cap(vocab, h_s_dim, h_t_dim, h_s.device))
+        else:
+            rows = plan_chunk_rows(labels.numel(), vocab, h_s_dim, h_t_dim, h_s.device, chunk_size)
+        return SweepPlan(params, kernels, rows, tuple(want), weights, aligned)
+
+    def bounds(self, n_rows: int) -> list[tuple[int, int]]:
+        seq_len = self.weights.seq_len if self.aligned and self.weights is not None else None
+        return chunk_bounds(n_rows, self.rows, seq_len)
+
+
+@dataclass
+class ForwardGrads:
+    """What the forward sweep formed for the backward (fp32; None where not wanted).
+
+    ``hidden``: ``u @ Ws`` per row at unit scale (the backward scales row n by ``dL/dd[n]``).
+    ``weight``, ``bias``: ``sum_n s[n] u_n^T h_n`` and ``sum_n s[n] u_n`` with ``s[n] =
+    seq[0, b(n)]``, the per-sequence scale; ``seq[1]`` is ``log f_b - L`` (``-inf`` for a sequence
+    without a valid token), so ``seq[0] = exp(seq[1]) / (B * n_b)`` (float64, (2, B)).
+    """
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    seq: torch.Tensor | None = None
 
 
 def no_autocast(device: torch.device):
@@ -230,8 +385,175 @@ def _chunk(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     return x[r0:r1].view(1, r1 - r0, *x.shape[1:])
 
 
-def _chunk_logits(student: LinearSide, teacher: LinearSide, r0: int, r1: int):
-    return student.logits(r0, r1).unsqueeze(0), DenseTeacher(teacher.logits(r0, r1).unsqueeze(0))
+def host_scalars(device: torch.device) -> bool:
+    """Whether the sweep may read scalars back to the host: free for CPU tensors; on a GPU it
+    would stall the stream, so there the weighting runs on device scalars."""
+    return device.type == "cpu"
+
+
+# Without a host read, the reference ``L`` is fixed at the first sequence that closes when the
+# options bound the spread of ``log f`` by this much (every ratio ``exp(log f - L)`` then stays
+# well inside fp32, and inside fp16 for the native fp16 GEMM); otherwise it follows the running
+# maximum with a device-side rescale of ``G`` per chunk.
+_FIXED_SPAN = 8.0
+
+
+@dataclass
+class _Sums:
+    """A weight-gradient accumulator and its bias twin, allocated on first write."""
+
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    state: str = "empty"  # "empty", "open" (holds the rows of the open sequence, unit factor),
+    # or "closed" (holds closed sequences, relative to the reference)
+
+
+@dataclass
+class _WeightedGrads:
+    """``G = sum_b exp(log f_b - L) / (B n_b) * U_b^T H_b`` (and ``Gb``), formed chunk by chunk.
+
+    Rows of a sequence are added to ``main`` once the sequence's factor is known, all rows of a
+    chunk's closed sequences in one GEMM (the hidden rows scaled by their sequence's ``s``). The
+    sequence still open at the end of a chunk accumulates at unit factor, in ``main`` while
+    ``main`` holds nothing else (then ``L`` is set to its factor when it closes: no pass over
+    ``G``), else in ``extra``, which is added to ``main`` with its factor when the sequence closes
+    (one pass over a weight-sized buffer per sequence that spans chunks).
+
+    ``L`` tracks the largest ``log f`` seen: with host scalars a rise is folded into the next
+    GEMM's ``beta`` (free); without, it is fixed when ``SequenceWeights.span`` allows, else ``G`` is
+    rescaled on the device per chunk.
+    """
+
+    side: LinearSide
+    want_w: bool
+    want_b: bool
+    weights: SequenceWeights
+    labels: torch.Tensor  # (N,)
+    ignore_index: int
+    main: _Sums = field(default_factory=_Sums)
+    extra: _Sums = field(default_factory=_Sums)
+
+    def __post_init__(self) -> None:
+        seq_len = self.weights.seq_len
+        n_rows = self.labels.shape[0]
+        count = (self.labels.view(-1, seq_len) != self.ignore_index).sum(-1)
+        self.count = count.clamp(min=1)  # n_b
+        # Per-row scale applied to the hidden rows; the GEMM's alpha = 1 / N completes 1 / (B n_b).
+        self.unit = (seq_len / self.count).float()
+        self.alpha = 1.0 / n_rows
+        self.log_f = torch.full(
+            count.shape, -math.inf, dtype=torch.float64, device=self.labels.device
+        )
+        span = self.weights.span
+        if host_scalars(self.labels.device):
+            self.mode = "fold"
+        else:
+            self.mode = "fixed" if span is not None and span <= _FIXED_SPAN else "rescale"
+        self.ref = None  # L: 0-dim float64
+
+    def _new(self, sums: _Sums) -> None:
+        vocab, width = self.side.weight.shape
+        dev = self.labels.device
+        if self.want_w and sums.weight is None:
+            sums.weight = torch.empty((vocab, width), dtype=torch.float32, device=dev)
+        if self.want_b and sums.bias is None:
+            sums.bias = torch.empty((vocab,), dtype=torch.float32, device=dev)
+
+    def _add(self, sums: _Sums, g_op, g32, r0: int, r1: int, s: torch.Tensor, beta: float) -> None:
+        """``sums = beta * sums + (rows [r0, r1) weighted by s) / N``."""
+        self._new(sums)
+        gemm = self.side.gemm
+        if sums.weight is not None:
+            rows = gemm.operand(self.side.hidden[r0:r1].float() * s.unsqueeze(1))
+            gemm.addmm_(sums.weight, g_op.T, rows, beta=beta, alpha=self.alpha)
+        if sums.bias is not None:
+            sums.bias.addmv_(g32.T, s, beta=beta, alpha=self.alpha)
+
+    def _rescale(self, log_f: torch.Tensor) -> float:
+        """Move ``L`` for the sequences closing now; the ``beta`` for ``main``'s next GEMM."""
+        top = log_f.max()
+        if self.main.state == "empty":
+            # Nothing in ``main`` yet. -inf (no valid token so far) stays -inf, except where L is
+            # fixed: 0 lies in every bounded range of log f.
+            self.ref = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            if self.mode != "fixed":
+                self.ref = top
+            return 0.0
+        if self.mode == "fixed":
+            return 1.0
+        new = torch.maximum(self.ref, top)
+        ratio = torch.where(new > self.ref, torch.exp(self.ref - new), torch.ones_like(new))
+        self.ref = new
+        if self.mode == "fold":
+            return float(ratio)
+        for x in (self.main.weight, self.main.bias):
+            if x is not None:
+                x.mul_(ratio.float())
+        return 1.0
+
+    def _ratio(self, log_f: torch.Tensor) -> torch.Tensor:
+        """``exp(log f - L)``, 0 for sequences without a valid token (fp32)."""
+        finite = torch.isfinite(log_f)
+        return torch.where(finite, torch.exp(log_f - self.ref), torch.zeros_like(log_f)).float()
+
+    def add_chunk(self, g_op, g32, r0: int, r1: int, stats: torch.Tensor) -> None:
+        """Chunk ``[r0, r1)`` with unit-scale logits gradient ``g32`` (fp32, (rows, V)) and
+        ``g_op`` (the same in the GEMM's dtype); ``stats`` is the sweep's ``(6, N)`` so far."""
+        seq_len = self.weights.seq_len
+        # Rows [r0, cut) belong to sequences that end in this chunk; [cut, r1) to the open one.
+        cut = r1 if r1 % seq_len == 0 else max(r0, r1 // seq_len * seq_len)
+        carried = r0 % seq_len != 0  # the sequence at r0 began in an earlier chunk
+        if cut > r0:
+            b0, b1 = r0 // seq_len, cut // seq_len
+            rows = slice(b0 * seq_len, b1 * seq_len)
+            log_f = self.weights.log_factor(
+                stats[2, rows].view(-1, seq_len),
+                stats[3, rows].view(-1, seq_len),
+                self.labels[rows].view(-1, seq_len),
+            )
+            self.log_f[b0:b1] = log_f
+            if carried and self.main.state == "open":
+                # ``main`` holds this sequence's first rows at unit factor: its reference is f.
+                self.ref = log_f[0]
+                if self.mode == "fixed":
+                    self.ref = torch.where(
+                        torch.isfinite(self.ref), self.ref, torch.zeros_like(self.ref)
+                    )
+                self.main.state = "closed"
+            beta = self._rescale(log_f)
+            seq_of_row = torch.arange(r0, cut, device=log_f.device) // seq_len - b0
+            s = self._ratio(log_f)[seq_of_row] * self.unit[b0:b1][seq_of_row]
+            n = cut - r0
+            self._add(self.main, g_op[:n], g32[:n], r0, cut, s, beta)
+            self.main.state = "closed"
+            if carried and self.extra.state == "open":
+                ratio = self._ratio(log_f[:1])
+                for acc, part in ((self.main.weight, self.extra.weight),
+                                  (self.main.bias, self.extra.bias)):  # fmt: skip
+                    if acc is not None:
+                        acc.addcmul_(part, ratio)
+                self.extra.state = "empty"
+        if cut < r1:
+            b = cut // seq_len
+            s = self.unit[b : b + 1].expand(r1 - cut).contiguous()
+            n = cut - r0
+            if cut == r0 and carried:  # the chunk continues the open sequence
+                target = self.main if self.main.state == "open" else self.extra
+                beta = 1.0
+            else:
+                target = self.main if self.main.state == "empty" else self.extra
+                target.state, beta = "open", 0.0
+            self._add(target, g_op[n:], g32[n:], cut, r1, s, beta)
+
+    def finish(self) -> ForwardGrads:
+        assert self.main.state == "closed" and self.extra.state == "empty"
+        self.extra = _Sums()
+        rel = self.log_f - self.ref
+        batch = self.count.shape[0]
+        scale = torch.where(torch.isfinite(self.log_f), torch.exp(rel), torch.zeros_like(rel)) / (
+            batch * self.count.to(torch.float64)
+        )
+        return ForwardGrads(None, self.main.weight, self.main.bias, torch.stack((scale, rel)))
 
 
 def _stats_sweep(
@@ -239,85 +561,103 @@ def _stats_sweep(
     teacher: LinearSide,
     labels: torch.Tensor,
     plan: SweepPlan,
-    grads: GradBuffers | None,
-    scale: torch.Tensor | None,
+    hidden: torch.Tensor | None,
+    weighted: _WeightedGrads | None,
 ) -> torch.Tensor:
     """Forward sweep: a ``(6, N)`` fp32 tensor of ``lse_s, lse_t, ls_x, lt_x, d, C`` per token.
 
-    With ``grads`` it also accumulates the student's gradients from the logits already in hand,
-    at ``dL/dd = scale`` per token, or at unit scale when ``scale`` is None.
+    With ``hidden`` / ``weighted`` it also forms the student's gradients from the logits in hand:
+    ``u @ Ws`` per row at unit scale, and the weighted weight/bias sums.
     """
     n_rows = labels.shape[0]
     out = torch.zeros((6, n_rows), dtype=torch.float32, device=labels.device)
-    fwd_grad = plan.backend.fwd_grad
-    for r0, r1 in chunk_bounds(n_rows, plan.rows):
-        logits_s, logits_t = _chunk_logits(student, teacher, r0, r1)
+    bounds = plan.bounds(n_rows)
+    longest = max(r1 - r0 for r0, r1 in bounds)
+    buf_s, buf_t = student.buffer(longest), teacher.buffer(longest)
+    need_grad = hidden is not None or weighted is not None
+    fwd_grad = plan.backend.fwd_grad if need_grad else None
+    for r0, r1 in bounds:
+        logits_s = student.logits(r0, r1, buf_s).unsqueeze(0)
+        logits_t = DenseTeacher(teacher.logits(r0, r1, buf_t).unsqueeze(0))
         lab = _chunk(labels, r0, r1)
         g = None
-        if grads is not None and fwd_grad is not None:
+        if fwd_grad is not None:
             # The native CPU kernel forms the unit-scale gradient in the same sweeps as the stats.
             stats, g = fwd_grad(logits_s, logits_t, lab, plan.params)
-            if scale is not None:
-                plan.backend.scale_grad(g, _chunk(scale, r0, r1), lab, plan.params.ignore_index)
         else:
             stats = plan.backend.fwd(
-                logits_s, logits_t, lab, plan.params, with_divergence=True, store_c=any(plan.want)
+                logits_s, logits_t, lab, plan.params, with_divergence=True, store_c=need_grad
             )
         for i, x in enumerate(stats):
             if x is not None:
                 out[i, r0:r1] = x.view(-1)
-        if grads is not None and g is None:
-            if scale is None:
-                row_scale = torch.ones_like(lab, dtype=torch.float32)
-            else:
-                row_scale = _chunk(scale, r0, r1)
-            g = plan.backend.bwd(logits_s, logits_t, lab, plan.params, stats, row_scale, None)
-        # Freed before the next chunk's logits exist, so at most one chunk is alive.
+        if need_grad and g is None:
+            ones = torch.ones_like(lab, dtype=torch.float32)
+            g = plan.backend.bwd(logits_s, logits_t, lab, plan.params, stats, ones, None)
         del logits_s, logits_t
-        if g is not None:
-            grads.accumulate(g.view(r1 - r0, -1), student, r0, r1)
-            del g
+        if g is None:
+            continue
+        g32 = g.view(r1 - r0, -1)
+        g_op = student.gemm.operand(g32)
+        if hidden is not None:
+            student.gemm.mm(g_op, student.weight, out=hidden[r0:r1])
+        if weighted is not None:
+            weighted.add_chunk(g_op, g32, r0, r1, out)
+        # Freed before the next chunk's gradient exists, so at most one chunk is alive.
+        del g, g32, g_op
     return out
 
 
-def forward_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, plan: SweepPlan, scale=None):
-    """The forward sweep over token chunks: stacked per-row stats ``(6, N)`` and the gradient
-    buffers it formed (fp32; None when nothing is wanted).
+def forward_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, flat_labels, plan: SweepPlan):
+    """The forward sweep over token chunks: stacked per-row stats ``(6, N)`` and the
+    ``ForwardGrads`` it formed (None when no gradient is wanted).
 
-    ``scale=None``: ``u @ Ws`` per token at unit scale when ``plan.want`` asks for grad_hidden
-    (the backward scales the rows by ``dL/dd``). ``scale`` (N,): every wanted gradient at
-    ``dL/dd = scale``, for a loss whose gradient scale is known in the forward up to one scalar.
+    Matmul passes of (N x V x H) size: both sides' logits, plus ``u @ Ws`` when grad_hidden is
+    wanted, plus the weighted ``u^T hs`` when grad_weight is: four at most, each once.
     """
-    want_h = plan.want[0]
-    if scale is not None and any(plan.want):
-        grads = GradBuffers.allocate(flat_s, w_s, plan.want, hidden_dtype=torch.float32)
-    elif scale is None and want_h:
-        grads = GradBuffers(torch.empty(flat_s.shape, dtype=torch.float32, device=flat_s.device))
-    else:
-        grads = None
+    want_h, want_w, want_b = plan.want
+    if not any(plan.want):
+        with no_autocast(flat_s.device):
+            student, teacher = sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
+            return _stats_sweep(student, teacher, flat_labels, plan, None, None), None
+    hidden = None
+    if want_h:
+        hidden = torch.empty(flat_s.shape, dtype=torch.float32, device=flat_s.device)
     with no_autocast(flat_s.device):
         student, teacher = sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
-        out = _stats_sweep(student, teacher, flat_labels, plan, grads, scale)
+        weighted = None
+        if want_w or want_b:
+            assert plan.weights is not None, "the weight/bias gradient needs SequenceWeights"
+            weighted = _WeightedGrads(
+                student, want_w, want_b, plan.weights, flat_labels, plan.params.ignore_index
+            )
+        out = _stats_sweep(student, teacher, flat_labels, plan, hidden, weighted)
+    grads = weighted.finish() if weighted is not None else ForwardGrads(None)
+    grads.hidden = hidden
     return out, grads
 
 
-def grad_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, labels, plan: SweepPlan, saved, grad_d):
-    """Backward sweep: recompute the logits per chunk and accumulate the student's weight and
-    bias gradients (fp32) at ``dL/dd = grad_d`` (N,); ``saved`` is ``(lse_s, lse_t, C)``."""
-    grads = GradBuffers.allocate(flat_s, w_s, (False, *plan.want[1:]))
+def grad_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, labels, plan: SweepPlan, saved, grad_d,
+               ranges, into: GradBuffers) -> GradBuffers:  # fmt: skip
+    """Recompute the logits of the rows in ``ranges`` (chunked by ``plan.rows``) and add their
+    weight and bias gradients at ``dL/dd = grad_d`` (N,) into ``into`` (fp32); ``saved`` is the
+    forward's ``(lse_s, lse_t, C)``. Used only for rows whose weight the forward could not know
+    (``batch_mean``'s cap)."""
     lse_s, lse_t, c = saved.unbind(0)
     with no_autocast(flat_s.device):
         student, teacher = sides(flat_s, w_s, b_s, flat_t, w_t, b_t)
-        for r0, r1 in chunk_bounds(labels.shape[0], plan.rows):
-            logits_s, logits_t = _chunk_logits(student, teacher, r0, r1)
-            stats = RowStats(
-                _chunk(lse_s, r0, r1), _chunk(lse_t, r0, r1), None, None, None, _chunk(c, r0, r1)
-            )
-            lab = _chunk(labels, r0, r1)
-            g = plan.backend.bwd(
-                logits_s, logits_t, lab, plan.params, stats, _chunk(grad_d, r0, r1), None
-            )
-            del logits_s, logits_t
-            grads.accumulate(g.view(r1 - r0, -1), student, r0, r1)
-            del g
-    return grads
+        for start, stop in ranges:
+            for r0 in range(start, stop, plan.rows):
+                r1 = min(stop, r0 + plan.rows)
+                logits_s = student.logits(r0, r1).unsqueeze(0)
+                logits_t = DenseTeacher(teacher.logits(r0, r1).unsqueeze(0))
+                stats = RowStats(_chunk(lse_s, r0, r1), _chunk(lse_t, r0, r1), None, None, None,
+                                 _chunk(c, r0, r1))  # fmt: skip
+                lab = _chunk(labels, r0, r1)
+                g = plan.backend.bwd(
+                    logits_s, logits_t, lab, plan.params, stats, _chunk(grad_d, r0, r1), None
+                )
+                del logits_s, logits_t
+                into.accumulate(g.view(r1 - r0, -1), student, r0, r1)
+                del g
+    return into
