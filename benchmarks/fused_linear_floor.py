@@ -81,7 +81,7 @@ def providers(inputs, bounds):
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except ImportError:
-        LigerFusedLinearJSDLoss = None  # noqa: N806
+        LigerFusedLinearJSDLoss = None
     if LigerFusedLinearJSDLoss is not None:
         h2, t2, y1 = h_s.view(-1, hidden), h_t.view(-1, hidden), labels.view(-1)
         for name, compiled in (("liger (compiled)", True), ("liger (eager)", False)):
