@@ -37,24 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.fused_linear_gemm import load
+from benchmarks.fused_linear_memory import make_inputs
 from benchmarks.runner import cpu_model, write_lines
 from renio_kernels import fused_linear_renio_loss
 from renio_kernels.core.autograd import linear_weights
 from renio_kernels.core.options import ReNIOOptions
 from renio_kernels.ops.linear import Gemm, SweepPlan
-
-
-def make_inputs(tokens: int, vocab: int, hidden: int, seq: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    seq = min(seq, tokens)
-    batch = tokens // seq
-    h_s = torch.randn(batch, seq, hidden, generator=g)
-    w_s = torch.randn(vocab, hidden, generator=g) * (2.0 / hidden**0.5)
-    h_t = torch.randn(batch, seq, hidden, generator=g)
-    w_t = torch.randn(vocab, hidden, generator=g) * (1.0 / hidden**0.5) + 0.7 * w_s
-    labels = torch.randint(0, vocab, (batch, seq), generator=g)
-    labels[:, : seq // 8] = -100  # prompt positions
-    return h_s.requires_grad_(), w_s.requires_grad_(), h_t, w_t, labels
 
 
 def our_bounds(h_s, w_s, h_t, labels) -> list[tuple[int, int]]:
