@@ -61,8 +61,8 @@ def _backends():
 
 def _small_chunks(monkeypatch, rows: int) -> None:
     """The automatic plan with at most ``rows`` tokens per chunk (whatever the budget)."""
-    monkeypatch.setitem(linear_chunks.FUSED_LINEAR_MAX_ROWS, "cpu", rows)
-    monkeypatch.setattr(linear_chunks, "FUSED_LINEAR_MIN_ROWS", 1)
+    monkeypatch.setitem(rk.config.FUSED_LINEAR_MAX_ROWS, "cpu", rows)
+    monkeypatch.setattr(rk.config, "FUSED_LINEAR_MIN_ROWS", 1)
 
 
 @pytest.mark.parametrize("backend", _backends())

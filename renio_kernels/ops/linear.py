@@ -51,13 +51,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import config
-from ..config import (
-    FUSED_LINEAR_CHUNK_ELEMENTS,
-    FUSED_LINEAR_MAX_CHUNK_ELEMENTS,
-    FUSED_LINEAR_MAX_ROWS,
-    FUSED_LINEAR_MIN_ROWS,
-    FUSED_LINEAR_TOTAL_PER_VOCAB,
-)
 from .backends import resolve_backend
 from .rows import DenseTeacher, DivergenceParams, RowBackend, RowStats
 
@@ -91,15 +84,16 @@ def chunk_cap(vocab: int, hidden_s: int, hidden_t: int, device: torch.device) ->
     or a huge vocabulary); otherwise ``FUSED_LINEAR_CHUNK_ELEMENTS``.
     Between ``FUSED_LINEAR_MIN_ROWS`` and ``FUSED_LINEAR_MAX_ROWS`` rows.
     """
-    kind = device.type if device.type in FUSED_LINEAR_CHUNK_ELEMENTS else "cpu"
+    budget = config.FUSED_LINEAR_CHUNK_ELEMENTS
+    kind = device.type if device.type in budget else "cpu"
     per_row = 3 * vocab + hidden_s + hidden_t
-    cap = FUSED_LINEAR_CHUNK_ELEMENTS[kind] // per_row
-    per_vocab = FUSED_LINEAR_TOTAL_PER_VOCAB.get(kind)
+    cap = budget[kind] // per_row
+    per_vocab = config.FUSED_LINEAR_TOTAL_PER_VOCAB.get(kind)
     if per_vocab is not None:
-        left = min((per_vocab - 2 * hidden_s) * vocab, FUSED_LINEAR_MAX_CHUNK_ELEMENTS[kind])
+        left = min((per_vocab - 2 * hidden_s) * vocab, config.FUSED_LINEAR_MAX_CHUNK_ELEMENTS[kind])
         if left >= _TOTAL_MIN_ROWS * per_row:
             cap = left // per_row
-    return max(FUSED_LINEAR_MIN_ROWS, min(cap, FUSED_LINEAR_MAX_ROWS.get(kind, cap)))
+    return max(config.FUSED_LINEAR_MIN_ROWS, min(cap, config.FUSED_LINEAR_MAX_ROWS.get(kind, cap)))
 
 
 # Fewer rows than this cost the chunk matmuls a sixth of their rate or more (216 against 259
