@@ -25,13 +25,13 @@ def _triton_backend() -> RowBackend:
     from .triton.bwd import renio_bwd
     from .triton.fwd import renio_fwd
 
-    return RowBackend("triton", renio_fwd, renio_bwd)
+    return RowBackend("triton", renio_fwd, renio_bwd, bwd_in_place=True)
 
 
 def _torch_backend() -> RowBackend:
     from .torch.chunked import renio_bwd_torch, renio_fwd_torch
 
-    return RowBackend("torch", renio_fwd_torch, renio_bwd_torch)
+    return RowBackend("torch", renio_fwd_torch, renio_bwd_torch, bwd_in_place=True)
 
 
 def _cpu_backend() -> RowBackend | None:

@@ -550,6 +550,12 @@ class _WeightedGrads:
         return ForwardGrads(None, self.main.weight, self.main.bias, torch.stack((scale, rel)))
 
 
+def _over(plan: SweepPlan, logits_s: torch.Tensor) -> dict:
+    """Write the chunk's logits gradient over its student logits (no third (rows, V) buffer)
+    where the backend can; the logits are not needed once the row kernels have read them."""
+    return {"out": logits_s} if plan.backend.bwd_in_place else {}
+
+
 def _stats_sweep(
     student: LinearSide,
     teacher: LinearSide,
@@ -587,7 +593,9 @@ def _stats_sweep(
                 out[i, r0:r1] = x.view(-1)
         if need_grad and g is None:
             ones = torch.ones_like(lab, dtype=torch.float32)
-            g = plan.backend.bwd(logits_s, logits_t, lab, plan.params, stats, ones, None)
+            g = plan.backend.bwd(
+                logits_s, logits_t, lab, plan.params, stats, ones, None, **_over(plan, logits_s)
+            )
         del logits_s, logits_t
         if g is None:
             continue
@@ -649,8 +657,9 @@ def grad_sweep(flat_s, w_s, b_s, flat_t, w_t, b_t, labels, plan: SweepPlan, save
                                  _chunk(c, r0, r1))  # fmt: skip
                 lab = _chunk(labels, r0, r1)
                 g = plan.backend.bwd(
-                    logits_s, logits_t, lab, plan.params, stats, _chunk(grad_d, r0, r1), None
-                )
+                    logits_s, logits_t, lab, plan.params, stats, _chunk(grad_d, r0, r1), None,
+                    **_over(plan, logits_s),
+                )  # fmt: skip
                 del logits_s, logits_t
                 into.accumulate(g.view(r1 - r0, -1), student, r0, r1)
                 del g

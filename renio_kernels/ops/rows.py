@@ -133,6 +133,8 @@ class RowBackend:
     ``bwd(student, teacher, labels, params, stats, grad_d, grad_ls_x) -> grad`` are required.
     ``fwd_grad`` / ``scale_grad`` (optional) form the unit-scale gradient through ``d`` in the
     forward and scale it in place in the backward. ``divergences`` lists the names it computes.
+    ``bwd_in_place``: ``bwd`` takes ``out=student`` and writes the gradient over the logits it
+    reads (the fused-linear sweeps use it for the chunk's logits buffer).
     """
 
     name: str
@@ -141,3 +143,4 @@ class RowBackend:
     divergences: frozenset[str] = field(default_factory=lambda: frozenset(DIVERGENCES))
     fwd_grad: Callable | None = None
     scale_grad: Callable | None = None
+    bwd_in_place: bool = False

@@ -149,3 +149,44 @@ def test_int64_offsets_past_2_31():
     )
     torch.testing.assert_close(loss.float(), ref, rtol=2e-3, atol=1e-4)
     assert x.grad[0, : rows - 4].abs().max() == 0 and x.grad[0, tail].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_can_write_over_the_logits_it_reads(backend):
+    """``bwd(..., out=student)``: the gradient written over the logits equals the one written to
+    a fresh buffer (the fused-linear sweeps use it for the chunk's logits buffer)."""
+    fwd, bwd = _backends()[backend]
+    s, t, labels = make_inputs(batch=2, seq=5, vocab=70, teacher_vocab=75, device=DEVICE)
+    params = DivergenceParams(beta=0.5, temperature=1.3, token_clip=0.05)
+    kw = {"block_v": 16} if backend == "triton" else {"chunk_elements": 70 * 3}
+    stats = fwd(s, DenseTeacher(t), labels, params, with_divergence=True, store_c=True, **kw)
+    gd = torch.randn(labels.shape, device=labels.device)
+    fresh = bwd(s, DenseTeacher(t), labels, params, stats, gd, None, **kw)
+    buffer = s.clone()
+    over = bwd(buffer, DenseTeacher(t), labels, params, stats, gd, None, out=buffer, **kw)
+    assert over.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(over, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_linear_sweeps_write_the_gradient_over_the_chunk_logits(monkeypatch, backend):
+    import renio_kernels as rk
+    from renio_kernels.ops import backends
+
+    real = backends.resolve_backend(backend, torch.device(DEVICE))
+    calls = []
+
+    def bwd(*args, **kwargs):
+        calls.append(kwargs.get("out") is args[0])
+        return real.bwd(*args, **kwargs)
+
+    spy = backends.RowBackend(real.name, real.fwd, bwd, real.divergences, bwd_in_place=True)
+    monkeypatch.setattr(backends, "_triton_backend" if backend == "triton" else "_torch_backend",
+                        lambda: spy)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    hs, ht = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    ws, wt = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g)
+    labels = torch.randint(0, 40, (2, 6), generator=g)
+    h = hs.requires_grad_()
+    rk.fused_linear_renio_loss(h, ws, ht, wt, labels, backend=backend, chunk_size=4).backward()
+    assert calls and all(calls)

@@ -140,12 +140,15 @@ def renio_fwd_torch(student, teacher_input, labels, params: DivergenceParams, *,
 
 
 def renio_bwd_torch(student, teacher_input, labels, params: DivergenceParams, stats: RowStats,
-                    grad_d, grad_ls_x, *, chunk_elements=None) -> torch.Tensor:  # fmt: skip
-    """``RowBackend.bwd`` (``ops.rows``) in chunks of about ``chunk_elements`` logits."""
+                    grad_d, grad_ls_x, *, chunk_elements=None, out=None):  # fmt: skip
+    """``RowBackend.bwd`` (``ops.rows``) in chunks of about ``chunk_elements`` logits. ``out``
+    may be ``student`` itself: a chunk is read before its gradient is written."""
     teacher = dense_logits(student, teacher_input, labels)
     check_scales(stats, grad_d, grad_ls_x)
     batch, seq, vocab = student.shape
-    grad = torch.empty((batch, seq, vocab), dtype=student.dtype, device=student.device)
+    grad = (
+        out if out is not None else torch.empty_like(student, memory_format=torch.contiguous_format)
+    )
     inv_tau = params.inv_tau
     for bs, ts in row_chunks(batch, seq, vocab, chunk_elements):
         lab = labels[bs, ts]

@@ -108,13 +108,16 @@ def _renio_bwd_kernel(
 
 
 def renio_bwd(student, teacher_input, labels, params: DivergenceParams, stats: RowStats, grad_d,
-              grad_ls_x, *, block_v=None) -> torch.Tensor:  # fmt: skip
+              grad_ls_x, *, block_v=None, out=None) -> torch.Tensor:  # fmt: skip
     """``RowBackend.bwd`` (``ops.rows``): the gradient of ``sum(grad_d * d) + sum(grad_ls_x *
-    ls[x])`` w.r.t. the student logits, one program per row."""
+    ls[x])`` w.r.t. the student logits, one program per row. ``out`` may be ``student`` itself:
+    each program reads a tile of its row before writing the same tile."""
     teacher = dense_logits(student, teacher_input, labels)
     check_scales(stats, grad_d, grad_ls_x)
     batch, seq, vocab = student.shape
-    grad = torch.empty((batch, seq, vocab), dtype=student.dtype, device=student.device)
+    grad = (
+        out if out is not None else torch.empty_like(student, memory_format=torch.contiguous_format)
+    )
     if batch * seq == 0:
         return grad
     # An absent scale is passed as None: Triton specializes it away with its constexpr flag.
