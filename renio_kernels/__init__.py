@@ -18,7 +18,7 @@ the fused-linear sweeps). ``integrations`` and ``train`` sit on top. The exact s
 ``docs/SPEC.md``.
 """
 
-from .core import reference
+from . import reference
 from .core.options import WEIGHT_NORMS, ReNIOOptions
 from .cpu_cache import cpu_grad_cache_info, empty_cpu_grad_cache, set_cpu_grad_cache
 from .fused_linear import fused_linear_renio_loss

@@ -142,3 +142,12 @@ def test_unknown_option_is_a_clear_error():
         rk.ReNIOLoss(betta=0.5)
     with pytest.raises(TypeError, match="unknown option 'betta'"):
         rk.renio_loss(s, t, labels, betta=0.5)
+
+
+@pytest.mark.parametrize(
+    "module", ["renio_kernels.reference", "renio_kernels.config", "renio_kernels.integrations.hf"]
+)
+def test_public_module_paths_still_import(module):
+    import importlib
+
+    assert importlib.import_module(module) is not None
