@@ -165,3 +165,16 @@ def test_jsd_where_both_probabilities_are_subnormal(backend):
     loss.backward()
     assert rel_err(loss, ref) <= 1e-5, (loss.item(), ref.item())
     assert rel_err(x.grad, ref_grad) <= 1e-5
+
+
+def test_batch_mean_over_one_sequence_warns_that_renio_is_off():
+    s, t, labels = make_inputs(batch=1)
+    with pytest.warns(UserWarning, match="holds one sequence here, so its weight is exactly 1"):
+        rk.renio_loss(s, t, labels)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rk.renio_loss(s, t, labels, weight_norm="none")
+        rk.renio_loss(s, t, labels, use_renio=False)
+        rk.renio_loss(*make_inputs(batch=2))

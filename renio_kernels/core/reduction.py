@@ -10,6 +10,7 @@ backward are handled by torch, and the kernels' backward only receives a per-row
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -165,6 +166,21 @@ def update_ema(ema_state: torch.Tensor, mean_e: torch.Tensor) -> None:
     ema_state.copy_(torch.where(torch.isnan(ema_state), mean_e, 0.1 * mean_e + 0.9 * ema_state))
 
 
+def warn_single_sequence(opts, batch: int) -> None:
+    """``batch_mean`` over one sequence makes its weight exactly 1: ReNIO silently becomes plain
+    on-policy distillation. Said once per call site (``warnings``' default filter)."""
+    if batch == 1 and opts.use_renio and opts.weight_norm == "batch_mean":
+        if not torch.compiler.is_compiling():
+            warnings.warn(
+                "renio_kernels: weight_norm='batch_mean' normalizes the ReNIO weights over the "
+                "batch passed in, which holds one sequence here, so its weight is exactly 1 "
+                "(plain on-policy distillation); pass several sequences per call, or use "
+                "weight_norm='ema' (a running mean across calls) or 'none'",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
 def reduce_renio(
     d: torch.Tensor,
     ls_x: torch.Tensor,
@@ -182,6 +198,7 @@ def reduce_renio(
     computed in float64 from detached values: they are (B)-sized, and float64 keeps
     ``exp(rbar / weight_temperature)`` and its normalization exact for any option values.
     """
+    warn_single_sequence(opts, mask.shape[0])
     n = mask.sum(-1).clamp(min=1).to(d.dtype)
     divergence = d.sum(-1) / n
     r = log_ratio(ls_x, lt_x, mask, opts.ratio_clip)
