@@ -10,7 +10,7 @@ round (the order rotating, so a load change on a shared machine hits every provi
   weights; its default 1024-token chunks), called as ``benchmarks/providers.py`` does;
 * the floor: the matmuls of our own plan (the same chunks) timed alone. ``logits (torch.mm)`` is
   one pass of ``torch.mm(hidden[chunk], W.T)`` into a reused buffer over all tokens: ``4 x`` it is
-  the target's floor. The same through the loss's GEMM entry (``ops.linear.Gemm``: oneDNN's linear
+  the target's floor. The same through the loss's GEMM entry (``ops.gemm.Gemm``: oneDNN's linear
   on CPU, ``config.FUSED_LINEAR_CPU_ONEDNN``), ``logits``, gives a second floor, ``4 x logits``,
   and ``sum of 4 = 2 x logits + grad_hidden + grad_weight`` (``u @ W``, and ``G.addmm_(u.T,
   hidden[chunk])`` on MKL) is what our schedule's matmuls take on their own.
@@ -42,7 +42,8 @@ from benchmarks.runner import cpu_model, write_lines
 from renio_kernels import fused_linear_renio_loss
 from renio_kernels.core.autograd import linear_weights
 from renio_kernels.core.options import ReNIOOptions
-from renio_kernels.ops.linear import Gemm, SweepPlan
+from renio_kernels.ops.gemm import Gemm
+from renio_kernels.ops.linear import SweepPlan
 
 
 def our_bounds(h_s, w_s, h_t, labels) -> list[tuple[int, int]]:

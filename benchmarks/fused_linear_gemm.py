@@ -1,7 +1,7 @@
 """GFLOP/s of the fused-linear loss's chunk matmuls against the rows per chunk (CPU, fp32).
 
 The sweep's four matmuls per chunk of ``rows`` tokens, each timed through the loss's own GEMM
-entry (``ops.linear.Gemm``: oneDNN's linear for the first two where available, see
+entry (``ops.gemm.Gemm``: oneDNN's linear for the first two where available, see
 ``config.FUSED_LINEAR_CPU_ONEDNN``) and through plain ``torch.mm`` (MKL's sgemm) into a reused
 buffer:
 
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.runner import cpu_model, write_lines
-from renio_kernels.ops.linear import Gemm
+from renio_kernels.ops.gemm import Gemm
 
 
 def load() -> str:

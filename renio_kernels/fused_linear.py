@@ -48,15 +48,14 @@ of four (student and teacher logits once, grad_hidden, grad_weight):
 * Teacher rows ``>= Vs`` are never multiplied (SPEC ignores them), so a padded teacher
   vocabulary costs nothing; the teacher's pass costs ``Ht / Hs`` times the student's.
 
-Memory (fp32 on CPU; ``benchmarks/results/fused_linear_memory.md`` has the measured figures:
-0.22x one (4096 x 151936) fp32 logits tensor, flat in tokens): the chunk buffers (``chunk_cap``
+Memory (fp32 on CPU; ``benchmarks/results/fused_linear_memory.md`` has the measured figures):
+the chunk buffers (``chunk_cap``
 in ``ops.linear``, ``config.FUSED_LINEAR_TOTAL_PER_VOCAB``), the fp32 weight-gradient accumulator
 ``G`` (and the second one while a sequence spans chunks and ``G`` already holds others), the
 ``(N, Hs)`` fp32 ``u @ Ws`` and (B, T)-sized tensors. Hidden states that cannot be viewed as
 ``(B * T, H)`` (e.g. ``hidden[:, :-1]``, transposed views) are copied once into that layout. On
 CPU, bf16/fp16 weights are upcast once per sweep, and the fp32 logits and ``u @ Ws`` matmuls run
-through oneDNN (``config.FUSED_LINEAR_CPU_ONEDNN``; see ``ops.linear``). Speed on the 2-core CPU:
-``benchmarks/results/fused_linear_floor.md``.
+through oneDNN (``config.FUSED_LINEAR_CPU_ONEDNN``; see ``ops.gemm``). Speed: ``docs/performance.md``.
 
 GPU: the same schedule through the same Python sweep; the Triton row kernels run per chunk on the
 logits the GEMM left in global memory, and the per-sequence weighting uses device scalars only

@@ -8,6 +8,7 @@ import torch
 import renio_kernels as rk
 from renio_kernels import reference
 from renio_kernels.core import autograd
+from renio_kernels.ops import gemm
 from renio_kernels.ops import linear as linear_chunks
 from renio_kernels.ops.linear import plan_chunk_rows
 from tests.helpers import INTERPRET, LINEAR_GRAD_RTOL, LOSS_RTOL, rel_err
@@ -184,8 +185,8 @@ class _Spy:
         self.logits_calls = 0
         self.work = 0  # multiply-adds of every (rows x vocab x hidden) matmul
         self.allocated = []
-        logits, sweep = linear_chunks.LinearSide.logits, linear_chunks.forward_sweep
-        mm, addmm = linear_chunks.Gemm.mm, linear_chunks.Gemm.addmm_
+        logits, sweep = gemm.LinearSide.logits, linear_chunks.forward_sweep
+        mm, addmm = gemm.Gemm.mm, gemm.Gemm.addmm_
 
         def counting_logits(side, r0, r1, *a):
             self.logits_calls += 1
@@ -207,9 +208,9 @@ class _Spy:
                 )
             return out, grads
 
-        monkeypatch.setattr(linear_chunks.LinearSide, "logits", counting_logits)
-        monkeypatch.setattr(linear_chunks.Gemm, "mm", counting_mm)
-        monkeypatch.setattr(linear_chunks.Gemm, "addmm_", counting_addmm)
+        monkeypatch.setattr(gemm.LinearSide, "logits", counting_logits)
+        monkeypatch.setattr(gemm.Gemm, "mm", counting_mm)
+        monkeypatch.setattr(gemm.Gemm, "addmm_", counting_addmm)
         monkeypatch.setattr(autograd, "forward_sweep", recording_sweep)
 
     def passes(self, tokens: int, vocab: int, hidden: int) -> float:

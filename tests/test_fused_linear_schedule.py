@@ -13,6 +13,7 @@ import torch
 
 import renio_kernels as rk
 from renio_kernels.core import autograd
+from renio_kernels.ops import gemm
 from renio_kernels.ops import linear as linear_chunks
 from renio_kernels.ops.backends import resolve_backend
 from tests.helpers import INTERPRET
@@ -327,9 +328,7 @@ def test_cpu_gemm_paths(monkeypatch, onednn):
     monkeypatch.setattr(rk.config, "FUSED_LINEAR_CPU_ONEDNN", onednn)
     inputs = make_linear(batch=3, seq=6)
     h_s, w_s = inputs[:2]
-    assert linear_chunks.Gemm.for_operands(h_s, w_s).onednn == (
-        onednn and linear_chunks._onednn_linear_works()
-    )
+    assert gemm.Gemm.for_operands(h_s, w_s).onednn == (onednn and gemm._onednn_linear_works())
     kw = dict(beta=0.5, token_clip=0.05, threshold=0.1)
     out, grads = run_fused(*inputs, combine=_combine, backend="torch", chunk_size=4, **kw)
     ref_out, ref_grads = ref_fused(*inputs, combine=_combine, **kw)
@@ -346,13 +345,13 @@ def test_column_sliced_hidden_states(monkeypatch):
     wide = torch.cat([h_s, torch.randn(2, 5, 3)], dim=-1).requires_grad_()
     wide_t = torch.cat([h_t, torch.randn(2, 5, 2)], dim=-1)[..., : h_t.shape[-1]]
     strides = []
-    real = linear_chunks.Gemm.mm
+    real = gemm.Gemm.mm
 
     def spy(gemm, a, b, *args, **kw):
         strides.append(a.stride())
         return real(gemm, a, b, *args, **kw)
 
-    monkeypatch.setattr(linear_chunks.Gemm, "mm", spy)
+    monkeypatch.setattr(gemm.Gemm, "mm", spy)
     w = w_s.clone().requires_grad_()
     loss = rk.fused_linear_renio_loss(
         wide[..., :width], w, wide_t, w_t, labels, student_bias=b_s, teacher_bias=b_t,

@@ -32,15 +32,8 @@ import math
 
 import torch
 
-from ..ops.linear import (
-    ForwardGrads,
-    GradBuffers,
-    SequenceWeights,
-    SweepPlan,
-    flat_rows,
-    forward_sweep,
-    grad_sweep,
-)
+from ..ops.gemm import GradBuffers, flat_rows
+from ..ops.linear import ForwardGrads, SequenceWeights, SweepPlan, forward_sweep, grad_sweep
 from ..ops.rows import DivergenceParams, RowBackend, RowStats
 from .reduction import cap_can_bind, factor_span, sequence_log_factors
 
