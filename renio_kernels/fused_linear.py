@@ -55,7 +55,8 @@ in ``ops.linear``, ``config.FUSED_LINEAR_TOTAL_PER_VOCAB``), the fp32 weight-gra
 ``(N, Hs)`` fp32 ``u @ Ws`` and (B, T)-sized tensors. Hidden states that cannot be viewed as
 ``(B * T, H)`` (e.g. ``hidden[:, :-1]``, transposed views) are copied once into that layout. On
 CPU, bf16/fp16 weights are upcast once per sweep, and the fp32 logits and ``u @ Ws`` matmuls run
-through oneDNN (``config.FUSED_LINEAR_CPU_ONEDNN``; see ``ops.gemm``). Speed: ``docs/performance.md``.
+through oneDNN (``config.FUSED_LINEAR_CPU_ONEDNN``; see ``ops.gemm``). Speed:
+``docs/performance.md``.
 
 GPU: the same schedule through the same Python sweep; the Triton row kernels run per chunk on the
 logits the GEMM left in global memory, and the per-sequence weighting uses device scalars only
