@@ -8,6 +8,7 @@ Public API::
     fused_linear_renio_loss(hs, Ws, ht, Wt, labels, **options)         # from hidden states
     FusedLinearReNIOLoss(**options)                                    # nn.Module of the above
     ReNIOOptions                                                       # the options, validated
+    StepNormalizer(group)                                # weight_scope="global": one whole step
     renio_kernels.reference                                            # float64-capable oracle
     empty_cpu_grad_cache() / set_cpu_grad_cache(bool) / cpu_grad_cache_info()  # backend="cpu"
 
@@ -19,7 +20,8 @@ the fused-linear sweeps). ``integrations`` and ``train`` sit on top. The exact s
 """
 
 from . import reference
-from .core.options import WEIGHT_NORMS, ReNIOOptions
+from .core.options import REDUCTIONS, WEIGHT_NORMS, WEIGHT_SCOPES, ReNIOOptions
+from .core.step import StepNormalizer, StepResult
 from .cpu_cache import cpu_grad_cache_info, empty_cpu_grad_cache, set_cpu_grad_cache
 from .fused_linear import fused_linear_renio_loss
 from .loss import renio_loss, sampled_reverse_kl_loss
@@ -33,7 +35,11 @@ __all__ = [
     "BACKENDS",
     "DIVERGENCES",
     "FusedLinearReNIOLoss",
+    "REDUCTIONS",
+    "StepNormalizer",
+    "StepResult",
     "WEIGHT_NORMS",
+    "WEIGHT_SCOPES",
     "cpu_grad_cache_info",
     "empty_cpu_grad_cache",
     "ReNIOLoss",

@@ -73,12 +73,14 @@ from .core.autograd import FusedLinearFunction, linear_weights
 from .core.custom_ops import check_labels_async, fused_linear_op
 from .core.options import call_options, kernel_params, with_options
 from .core.reduction import reduce_renio
+from .core.step import StepNormalizer
 from .core.validation import (
     check_backend,
     check_chunk_size,
     check_ema_state,
     check_fused_linear_inputs,
     check_labels_in_range,
+    check_normalizer,
 )
 from .ops.linear import SweepPlan
 
@@ -104,6 +106,7 @@ def fused_linear_renio_loss(
     backend: str = "auto",
     return_stats: bool = False,
     ema_state: torch.Tensor | None = None,
+    normalizer: StepNormalizer | None = None,
     check_labels: bool = True,
     chunk_size: int | None = None,
     **options,
@@ -127,8 +130,8 @@ def fused_linear_renio_loss(
         chunk_size: tokens per chunk (default: from the vocabulary, hidden sizes and device, see
             ``config.FUSED_LINEAR_CHUNK_ELEMENTS``). Peak memory grows with it; the result does
             not depend on it beyond fp32 rounding.
-        backend, return_stats, ema_state, check_labels: as in :func:`renio_kernels.renio_loss`,
-            with the same return value.
+        backend, return_stats, ema_state, normalizer, check_labels: as in
+            :func:`renio_kernels.renio_loss`, with the same return value.
 
     Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias``, each only if it
     requires grad (nothing is computed for the others, nor under ``torch.no_grad()``). The
@@ -138,6 +141,7 @@ def fused_linear_renio_loss(
     """
     opts = call_options(**options)
     check_ema_state(opts, ema_state, "FusedLinearReNIOLoss")
+    check_normalizer(opts, normalizer)
     check_chunk_size(chunk_size)
     check_backend(backend)
     check_fused_linear_inputs(
@@ -164,4 +168,4 @@ def fused_linear_renio_loss(
         )  # fmt: skip
         d, ls_x, lt_x = FusedLinearFunction.apply(*student, *teacher, labels, plan)
     mask = labels != opts.ignore_index
-    return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats)
+    return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats, normalizer)

@@ -9,11 +9,13 @@ from .core.autograd import RowStatsFunction
 from .core.custom_ops import check_labels_async, row_stats_op
 from .core.options import call_options, kernel_params, with_options
 from .core.reduction import reduce_renio, reduce_sampled_rkl
+from .core.step import StepNormalizer
 from .core.validation import (
     check_backend,
     check_ema_state,
     check_labels_in_range,
     check_logits_inputs,
+    check_normalizer,
     last_dim_contiguous,
 )
 from .ops.backends import resolve_backend
@@ -67,6 +69,7 @@ def renio_loss(
     backend: str = "auto",
     return_stats: bool = False,
     ema_state: torch.Tensor | None = None,
+    normalizer: StepNormalizer | None = None,
     check_labels: bool = True,
     **options,
 ):
@@ -85,11 +88,16 @@ def renio_loss(
             ``log_ratio (B, T)`` (clipped, 0 at ignored positions) and ``selected (B, T)``.
         ema_state: for ``weight_norm="ema"``: a 0-dim float tensor holding the running mean
             (NaN before the first call), advanced in place. ``ReNIOLoss`` manages it for you.
+        normalizer: the ``StepNormalizer`` that ``weight_scope="global"`` needs (the same one
+            for every call of a training run; call its ``finish`` once per optimizer step).
         check_labels: verify every label is in ``[0, Vs)`` or ``ignore_index`` (one device
             sync on CUDA). With False, an out-of-range label makes the loss NaN.
 
     Returns:
-        The scalar loss ``mean_b(w_b * D_b)`` in fp32, or ``(loss, stats)``.
+        The scalar loss ``mean_b(w_b * D_b)`` in fp32 (``reduction`` changes the mean), or
+        ``(loss, stats)``. With ``weight_scope="global"`` it is provisional (normalized as if
+        the step were the first micro-batch; the gradients are rescaled by
+        ``normalizer.finish``, which also returns the step's loss).
 
     A fully ignored batch gives loss 0 and zero gradients. NaN logits give a NaN loss. ``-inf``
     teacher logits contribute nothing where the teacher's probability is 0 (forward KL, JSD);
@@ -100,6 +108,7 @@ def renio_loss(
     """
     opts = call_options(**options)
     check_ema_state(opts, ema_state, "ReNIOLoss")
+    check_normalizer(opts, normalizer)
     d, ls_x, lt_x = row_stats(
         student_logits,
         teacher_logits,
@@ -110,7 +119,7 @@ def renio_loss(
         check_labels=check_labels,
     )
     mask = labels != opts.ignore_index
-    return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats)
+    return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats, normalizer)
 
 
 def sampled_reverse_kl_loss(

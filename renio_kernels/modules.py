@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .core.options import ReNIOOptions, call_options
+from .core.step import StepNormalizer, StepResult
 from .core.validation import check_backend, check_chunk_size
 from .fused_linear import fused_linear_renio_loss
 from .loss import renio_loss, sampled_reverse_kl_loss
@@ -21,6 +22,12 @@ class ReNIOModuleBase(nn.Module):
     of the batch means lives in the ``ema_mean`` buffer (NaN until the first training call), so it
     follows ``.to(device)`` and survives ``state_dict()`` round trips. In ``eval()`` mode the
     running mean is used but not advanced.
+
+    With ``weight_scope="global"`` the module holds a ``StepNormalizer`` (``normalizer``: pass
+    one, e.g. with a process group, or a default one is made over the default group): call
+    ``finish(model.parameters())`` once per optimizer step, after the last backward. In
+    ``eval()`` mode it computes the per-batch loss (``weight_scope="micro_batch"``, with the
+    current ``"ema"`` mean) and leaves the step untouched.
     """
 
     ema_mean: torch.Tensor
@@ -31,6 +38,7 @@ class ReNIOModuleBase(nn.Module):
         backend: str = "auto",
         return_stats: bool = False,
         check_labels: bool = True,
+        normalizer: StepNormalizer | None = None,
         **options,
     ) -> None:
         super().__init__()
@@ -40,18 +48,40 @@ class ReNIOModuleBase(nn.Module):
         self.return_stats = return_stats
         self.check_labels = check_labels
         self.register_buffer("ema_mean", torch.full((), float("nan")))
+        self._owns_normalizer = self.options.weight_scope == "global" and normalizer is None
+        if self._owns_normalizer:
+            normalizer = StepNormalizer(ema_state=self.ema_mean)
+        self.normalizer = normalizer
 
     def ema_state(self) -> torch.Tensor:
         """The state handed to the loss: the buffer itself when training, a copy in eval mode."""
         return self.ema_mean if self.training else self.ema_mean.clone()
 
+    def finish(self, parameters=()) -> StepResult:
+        """``weight_scope="global"``: end the optimizer step (see ``StepNormalizer.finish``)."""
+        if self.normalizer is None:
+            raise RuntimeError(
+                "finish() ends an optimizer step of weight_scope='global'; this module was "
+                f"built with weight_scope={self.options.weight_scope!r}"
+            )
+        return self.normalizer.finish(parameters)
+
     def loss_kwargs(self) -> dict:
+        opts = vars(self.options)
+        scope = {"ema_state": self.ema_state(), "normalizer": None}
+        if self.options.weight_scope == "global":
+            if self.training:
+                if self._owns_normalizer:  # ``.to()`` and ``load_state_dict`` replace the buffer
+                    self.normalizer.ema_mean = self.ema_mean
+                scope = {"ema_state": None, "normalizer": self.normalizer}
+            else:
+                opts = dict(opts, weight_scope="micro_batch")
         return dict(
-            vars(self.options),
+            opts,
             backend=self.backend,
             return_stats=self.return_stats,
-            ema_state=self.ema_state(),
             check_labels=self.check_labels,
+            **scope,
         )
 
     def extra_repr(self) -> str:

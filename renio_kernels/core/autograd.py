@@ -157,6 +157,7 @@ def linear_weights(opts, labels: torch.Tensor, want) -> SequenceWeights | None:
         functools.partial(sequence_log_factors, opts=opts),
         factor_span(opts),
         cap_can_bind(opts, batch),
+        per_token_mean=opts.reduction == "sequence_mean",
     )
 
 

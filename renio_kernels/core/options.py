@@ -22,7 +22,9 @@ from ..ops.divergences import DIVERGENCES, resolve_divergence
 from ..ops.rows import DivergenceParams
 
 __all__ = [
+    "REDUCTIONS",
     "WEIGHT_NORMS",
+    "WEIGHT_SCOPES",
     "ReNIOOptions",
     "call_options",
     "option_fields",
@@ -32,6 +34,8 @@ __all__ = [
 ]
 
 WEIGHT_NORMS = ("batch_mean", "clamp", "none", "ema")
+REDUCTIONS = ("sequence_mean", "token_mean", "sum")
+WEIGHT_SCOPES = ("micro_batch", "global")
 
 
 def _opt(default: Any, kind: str, doc: str, paper: str | None = None, choices=None):
@@ -78,6 +82,18 @@ class ReNIOOptions:
         "--weight_norm_type", WEIGHT_NORMS,
     )  # fmt: skip
     ignore_index: int = _opt(-100, "int", "label value of positions without a loss")
+    reduction: str = _opt(
+        "sequence_mean", "choice",
+        "sequence_mean: mean over sequences of each one's token mean; token_mean: over all valid "
+        "tokens; sum: their sum (each token carries its sequence's weight)",
+        choices=REDUCTIONS,
+    )  # fmt: skip
+    weight_scope: str = _opt(
+        "micro_batch", "choice",
+        "micro_batch: weights normalized over the batch passed in (the paper's); global: over "
+        "every rank and accumulation micro-batch of the step (needs a StepNormalizer)",
+        choices=WEIGHT_SCOPES,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         validate(self, traced=False)

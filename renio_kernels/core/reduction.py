@@ -141,8 +141,11 @@ def sequence_log_factors(
 
 def cap_can_bind(opts, batch: int) -> bool:
     """Whether ``batch_mean``'s cap can make a weight differ from ``f_b`` times one batch-wide
-    scalar: ``e_b / mean(e) <= B``, so only with more than 10 sequences."""
-    return bool(opts.use_renio) and opts.weight_norm == "batch_mean" and batch > BATCH_MEAN_CAP
+    scalar: ``e_b / mean(e) <= B``, so only with more than 10 sequences (in the whole
+    micro-batch over all ranks for ``weight_scope="global"``, which the call cannot know)."""
+    if not (opts.use_renio and opts.weight_norm == "batch_mean"):
+        return False
+    return opts.weight_scope == "global" or batch > BATCH_MEAN_CAP
 
 
 def factor_span(opts) -> float | None:
@@ -174,8 +177,9 @@ def warn_single_sequence(opts, batch: int) -> None:
             warnings.warn(
                 "renio_kernels: weight_norm='batch_mean' normalizes the ReNIO weights over the "
                 "batch passed in, which holds one sequence here, so its weight is exactly 1 "
-                "(plain on-policy distillation); pass several sequences per call, or use "
-                "weight_norm='ema' (a running mean across calls) or 'none'",
+                "(plain on-policy distillation); pass several sequences per call, normalize "
+                "over the whole optimizer step with weight_scope='global' and a StepNormalizer, "
+                "or use weight_norm='ema' (a running mean across calls) or 'none'",
                 UserWarning,
                 stacklevel=4,
             )
@@ -189,33 +193,56 @@ def reduce_renio(
     opts: ReNIOOptions,
     ema_state: torch.Tensor | None,
     return_stats: bool,
+    normalizer=None,
 ):
-    """Loss ``mean_b(w_b * D_b)`` from per-row ``d``, ``ls[x]``, ``lt[x]`` (all ``(B, T)`` fp32).
+    """The loss from per-row ``d``, ``ls[x]``, ``lt[x]`` (all ``(B, T)`` fp32).
 
-    ``d`` must already be 0 at ignored positions (every backend writes it so). With
-    ``weight_norm="ema"`` the running mean ``ema_state`` is used and advanced in place. The
-    weights are
-    computed in float64 from detached values: they are (B)-sized, and float64 keeps
-    ``exp(rbar / weight_temperature)`` and its normalization exact for any option values.
+    ``sum_b w_b * term_b / Z`` with ``term_b`` the sequence's token mean ``D_b`` and ``Z = B``
+    (``reduction="sequence_mean"``), or its token sum and ``Z`` = the number of valid tokens
+    (``"token_mean"``) or 1 (``"sum"``). ``d`` must already be 0 at ignored positions (every
+    backend writes it so). With ``weight_norm="ema"`` the running mean ``ema_state`` is used and
+    advanced in place. With ``weight_scope="global"`` the normalization is the ``normalizer``'s
+    (a ``core.step.StepNormalizer``). The weights are computed in float64 from detached values:
+    they are (B)-sized, and float64 keeps ``exp(rbar / weight_temperature)`` and its
+    normalization exact for any option values.
     """
-    warn_single_sequence(opts, mask.shape[0])
+    token_sum = d.sum(-1)
     n = mask.sum(-1).clamp(min=1).to(d.dtype)
-    divergence = d.sum(-1) / n
+    divergence = token_sum / n
+    per_sequence = opts.reduction == "sequence_mean"
     r = log_ratio(ls_x, lt_x, mask, opts.ratio_clip)
-    w, selected, mean_e = sequence_weights(
-        r,
-        mask,
-        threshold=opts.threshold,
-        weight_temperature=opts.weight_temperature,
-        weight_norm=opts.weight_norm,
-        ema_mean=ema_state,
-    )
-    if opts.weight_norm == "ema" and ema_state is not None:
-        update_ema(ema_state, mean_e)
-    if not opts.use_renio:
-        w = torch.ones_like(w)
-    w = w.to(d.dtype)
-    loss = (w * divergence).mean()
+    if opts.weight_scope == "global":
+        f, e, selected = sequence_factors(
+            r, mask, threshold=opts.threshold, weight_temperature=opts.weight_temperature,
+            weight_norm=opts.weight_norm,
+        )  # fmt: skip
+        if not opts.use_renio:
+            f = torch.ones_like(f)
+        terms = divergence if per_sequence else token_sum
+        coef, w = normalizer.weigh(f, e, terms, mask, opts)
+        loss = (coef.to(d.dtype) * terms).sum()
+        w = w.to(d.dtype)
+    else:
+        warn_single_sequence(opts, mask.shape[0])
+        w, selected, mean_e = sequence_weights(
+            r,
+            mask,
+            threshold=opts.threshold,
+            weight_temperature=opts.weight_temperature,
+            weight_norm=opts.weight_norm,
+            ema_mean=ema_state,
+        )
+        if opts.weight_norm == "ema" and ema_state is not None:
+            update_ema(ema_state, mean_e)
+        if not opts.use_renio:
+            w = torch.ones_like(w)
+        w = w.to(d.dtype)
+        if per_sequence:
+            loss = (w * divergence).mean()
+        elif opts.reduction == "token_mean":
+            loss = (w * token_sum).sum() / mask.sum().clamp(min=1).to(d.dtype)
+        else:
+            loss = (w * token_sum).sum()
     if not return_stats:
         return loss
     stats = {

@@ -107,10 +107,14 @@ def renio_loss(
     weight_temperature: float = 1.0,
     weight_norm: str = "batch_mean",
     ema_mean: torch.Tensor | None = None,
+    reduction: str = "sequence_mean",
     return_stats: bool = False,
     **token_options,
 ):
     """The ReNIO loss of ``docs/SPEC.md``, materializing everything. Differentiable in the student.
+
+    ``reduction``: ``"sequence_mean"`` (``mean_b(w_b D_b)``), ``"token_mean"`` (every valid token's
+    ``w_b d`` over their number) or ``"sum"``.
 
     ``token_options`` are those of ``per_token`` (beta, divergence, temperature, token_clip,
     ratio_clip, ignore_index)."""
@@ -127,7 +131,15 @@ def renio_loss(
     )
     if not use_renio:
         w = torch.ones_like(w)
-    loss = (w * divergence).mean()
+    weighted = w.unsqueeze(-1) * torch.where(mask, d, torch.zeros_like(d))
+    if reduction == "sequence_mean":
+        loss = (weighted.sum(-1) / n).mean()
+    elif reduction == "token_mean":
+        loss = weighted.sum() / mask.sum().clamp(min=1)
+    elif reduction == "sum":
+        loss = weighted.sum()
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}")
     if not return_stats:
         return loss
     stats = {

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..ops.backends import BACKENDS
+from .step import StepNormalizer
 
 __all__ = [
+    "check_normalizer",
     "FLOAT_DTYPES",
     "check_backend",
     "check_chunk_size",
@@ -143,11 +145,35 @@ def check_ema_state(opts, ema_state, module: str) -> None:
             f"ema_state must be a 0-dim floating-point tensor (it is updated in place), got "
             f"{got}; create it with torch.full((), float('nan')) and keep it between calls"
         )
+    if opts.weight_scope == "global":
+        if ema_state is not None:
+            raise ValueError(
+                "with weight_scope='global' the 'ema' running mean lives in the StepNormalizer "
+                "(its ema_state argument); do not pass ema_state to the loss"
+            )
+        return
     if opts.weight_norm == "ema" and opts.use_renio and ema_state is None:
         raise ValueError(
             f"weight_norm='ema' keeps a running mean across calls: use "
             f"renio_kernels.{module}(weight_norm='ema'), or pass "
             "ema_state=torch.full((), float('nan')) and keep it between calls"
+        )
+
+
+def check_normalizer(opts, normalizer) -> None:
+    """``weight_scope="global"`` needs a ``StepNormalizer``; ``"micro_batch"`` takes none."""
+    if opts.weight_scope == "global":
+        if not isinstance(normalizer, StepNormalizer):
+            got = "none" if normalizer is None else type(normalizer).__name__
+            raise ValueError(
+                f"weight_scope='global' normalizes the weights over the whole optimizer step and "
+                f"needs normalizer=renio_kernels.StepNormalizer() (one per training run; call its "
+                f"finish(model.parameters()) after the step's last backward), got {got}"
+            )
+    elif normalizer is not None:
+        raise ValueError(
+            "normalizer= is used only with weight_scope='global'; pass weight_scope='global' "
+            "to normalize over the step, or drop the normalizer"
         )
 
 

@@ -129,13 +129,16 @@ class SequenceWeights:
     returns ``log f`` (S,) float64, ``-inf`` for a sequence without a valid token. ``span``: an
     upper bound of ``max log f - min log f`` that the options guarantee (None: unbounded).
     ``capped``: some weights may not be ``f_b`` times the batch-wide scalar (``batch_mean``'s cap),
-    so the backward checks for them and corrects them.
+    so the backward checks for them and corrects them. ``per_token_mean``: each row also carries
+    ``1 / n_b`` (the loss averages each sequence over its valid tokens), else every row of a
+    sequence carries ``f_b`` alone.
     """
 
     seq_len: int
     log_factor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     span: float | None
     capped: bool
+    per_token_mean: bool = True
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,10 @@ class _WeightedGrads:
         seq_len = self.weights.seq_len
         n_rows = self.labels.shape[0]
         count = (self.labels.view(-1, seq_len) != self.ignore_index).sum(-1)
-        self.count = count.clamp(min=1)  # n_b
+        # n_b, or T where the rows of a sequence are not averaged.
+        self.count = (
+            count.clamp(min=1) if self.weights.per_token_mean else torch.full_like(count, seq_len)
+        )
         # Per-row scale applied to the hidden rows; the GEMM's alpha = 1 / N completes 1 / (B n_b).
         self.unit = (seq_len / self.count).float()
         self.alpha = 1.0 / n_rows
