@@ -216,3 +216,24 @@ def test_errors_say_how_to_fix_the_call():
         rk.ReNIOLoss().finish([])
     with pytest.raises(ValueError, match="unknown weight_scope 'all'"):
         rk.ReNIOLoss(weight_scope="all")
+
+
+def test_global_scope_under_torch_compile():
+    """The normalizer's bookkeeping runs eagerly (a graph break); the numbers are the eager ones."""
+    h_s, w_s, h_t, w_t, labels = _problem(0)
+
+    def run(compiled):
+        norm = rk.StepNormalizer()
+        w = w_s.clone().requires_grad_()
+
+        def step(hs, w, ht, y):
+            return rk.renio_loss(hs @ w.T, ht @ w_t.T, y, weight_scope="global", normalizer=norm)
+
+        fn = torch.compile(step, backend="aot_eager", dynamic=False) if compiled else step
+        for half in (slice(0, 4), slice(4, 8)):
+            fn(h_s[half], w, h_t[half], labels[half]).backward()
+        return w.grad, norm.finish([w]).loss
+
+    (grad, loss), (grad_c, loss_c) = run(False), run(True)
+    _close(grad_c, grad)
+    torch.testing.assert_close(loss_c, loss)
