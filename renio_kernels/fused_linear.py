@@ -30,7 +30,9 @@ each chunk's logits are in hand:
   one scalar, ``k = <gd, s> / <s, s>`` on the sequence with the smallest factor (no host read).
 * ``batch_mean`` caps ``w_b = min(e_b / mean(e), 10)``, which can bind only with more than 10
   sequences; there the backward compares ``gd`` with ``k s`` per sequence (one host read: free on
-  CPU, one scalar sync on a GPU, only for ``batch_mean`` with ``B > 10``) and recomputes the capped
+  CPU, one scalar sync on a GPU, only for ``batch_mean`` with ``B > 10``, or with
+  ``weight_scope="global"``, where the micro-batch over all ranks may hold more than 10
+  sequences) and recomputes the capped
   sequences' rows (logits and weight gradient) for the difference.
 
 Each gradient is formed only for an input that requires grad, and none under ``torch.no_grad()``;
@@ -60,7 +62,7 @@ through oneDNN (``config.FUSED_LINEAR_CPU_ONEDNN``; see ``ops.gemm``). Speed:
 
 GPU: the same schedule through the same Python sweep; the Triton row kernels run per chunk on the
 logits the GEMM left in global memory, and the per-sequence weighting uses device scalars only
-(no host sync, except the ``batch_mean``, ``B > 10`` check above). A blockwise matmul kernel that
+(no host sync, except the ``batch_mean`` cap check above). A blockwise matmul kernel that
 keeps the log-sum-exp on chip would avoid the logits' round trip; it is not implemented, and no
 GPU was available to measure whether it would be faster.
 """
