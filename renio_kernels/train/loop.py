@@ -3,7 +3,9 @@
 Per optimizer step and micro-batch: take prompts -> the student samples completions -> the
 answers are checked -> (optionally) only correct or incorrect ones are kept -> student and
 teacher run over prompt + completion -> the ReNIO loss on the completion positions -> backward.
-Then the gradients are all-reduced across ranks, clipped, and AdamW steps under warmup + cosine.
+Then the gradients are all-reduced across ranks, rescaled to the step's normalization
+(``--weight-scope global``, ``DistillLoss.finish_step``), clipped, and AdamW steps under warmup +
+cosine.
 """
 
 from __future__ import annotations
