@@ -134,14 +134,18 @@ def test_two_ranks_equal_one_rank(tiny_models, tmp_path, per_prompt_sampling, op
     assert all(r["sgos_trained"] == 8 for r in r_two)
 
 
-def test_resume_is_exact_with_the_ema_mean(tiny_models, tmp_path):
-    """The global scope's "ema" running mean (the StepNormalizer's) is checkpointed and restored:
-    resuming from step 2 gives the uninterrupted run's parameters and losses bit for bit."""
+@pytest.mark.parametrize("scope", ["global", "micro_batch"])
+def test_resume_is_exact_with_the_ema_mean(tiny_models, tmp_path, scope):
+    """The "ema" running mean (the StepNormalizer's in the global scope) is checkpointed and
+    restored: resuming from step 2 gives the uninterrupted run's parameters and losses bit for
+    bit."""
     flags = {"steps": 4, "save-every": 2, "weight-norm": "ema", "grad-accum": 2}
+    flags.update({"weight-scope": scope, "keep-checkpoints": 0})
     full = tmp_path / "full"
-    loop.main(base_args(tiny_models, full, **VARIED, **flags, **{"keep-checkpoints": 0}))
+    loop.main(base_args(tiny_models, full, **VARIED, **flags))
     state = torch.load(full / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
-    assert state["ema_state"].dtype == torch.float64
+    dtype = torch.float64 if scope == "global" else torch.float32
+    assert state["ema_state"].dtype == dtype
     assert 0 < float(state["ema_state"]) != 1.0
     part = tmp_path / "part"  # a run that stopped after its step-2 checkpoint
     shutil.copytree(full, part)
