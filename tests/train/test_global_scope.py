@@ -72,6 +72,7 @@ def _assert_same_steps(ra: list[dict], rb: list[dict]) -> None:
         {"reduction": "token_mean"},
         {"reduction": "sum", "weight-norm": "clamp"},
         {"weight-norm": "ema"},
+        {"objective": "opd", "reduction": "token_mean"},  # weights 1: the reduction alone
     ],
     ids=lambda o: "-".join(map(str, o.values())) or "default",
 )
@@ -79,16 +80,21 @@ def test_accumulation_equals_one_batch(tiny_models, tmp_path, per_prompt_samplin
     one, r_one = _run(tiny_models, tmp_path / "one", **{"batch-size": 8}, **options)
     split = {"batch-size": 4, "grad-accum": 2}
     acc, r_acc = _run(tiny_models, tmp_path / "acc", **split, **options)
-    assert _max_diff(one, acc) < PARAM_TOL
+    diff = _max_diff(one, acc)
+    print(f"2 micro-batches vs 1 {options}: max |param diff| {diff:.3g}")
+    assert diff < PARAM_TOL
     _assert_same_steps(r_one, r_acc)
-    assert min(r["weight_min"] for r in r_one) < 0.1 < 2 < max(r["weight_max"] for r in r_one)
+    if "objective" not in options:
+        assert min(r["weight_min"] for r in r_one) < 0.1 < 2 < max(r["weight_max"] for r in r_one)
     if options.get("weight-norm", "batch_mean") in ("batch_mean", "clamp"):
         # the step's weights, not the first micro-batch's provisional ones, are logged
         assert all(r["weight_mean"] == pytest.approx(1.0, rel=1e-6) for r in r_acc)
     # the paper's scope normalizes each micro-batch on its own: a different step
     flags = {"batch-size": 4, "grad-accum": 2, "weight-scope": "micro_batch"}
     paper, _ = _run(tiny_models, tmp_path / "paper", **flags, **options)
-    assert _max_diff(one, paper) > 100 * PARAM_TOL
+    paper_diff = _max_diff(one, paper)
+    print(f"  the paper's scope: {paper_diff:.3g}")
+    assert paper_diff > 100 * PARAM_TOL
 
 
 def test_micro_batch_scope_averages_the_micro_batches(tiny_models, tmp_path, per_prompt_sampling):
@@ -97,7 +103,9 @@ def test_micro_batch_scope_averages_the_micro_batches(tiny_models, tmp_path, per
     flags = {"weight-scope": "micro_batch", "weight-norm": "none"}
     one, r_one = _run(tiny_models, tmp_path / "one", **{"batch-size": 8}, **flags)
     acc, r_acc = _run(tiny_models, tmp_path / "acc", **{"batch-size": 4, "grad-accum": 2}, **flags)
-    assert _max_diff(one, acc) < PARAM_TOL
+    diff = _max_diff(one, acc)
+    print(f"micro_batch scope, 2 micro-batches vs 1: max |param diff| {diff:.3g}")
+    assert diff < PARAM_TOL
     _assert_same_steps(r_one, r_acc)
 
 
