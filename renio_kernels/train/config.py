@@ -202,6 +202,12 @@ class _RunSettings:
         if self.objective == "opd" and self.use_renio:
             raise ValueError("--objective opd turns ReNIO off; use --objective renio instead")
         loss_options(self)  # the loss's own checks, before any run directory exists
+        rkl = "sampled-reverse-kl" in (self.objective, *self.compare_objectives())
+        if rkl and self.reduction != "sequence_mean":
+            raise ValueError(
+                f"--reduction {self.reduction} applies to --objective renio and opd; the sampled "
+                "reverse KL is always a token mean per micro-batch: drop --reduction"
+            )
         if not (0 < self.top_p <= 1):
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 < self.sample_temperature < math.inf:
@@ -230,16 +236,27 @@ DERIVED_FROM_OBJECTIVE = {
         default=None, metadata={"help": "default: from --objective (renio: on, opd: off)"}
     ),
 }
+# Loss options whose default (and help) differ in the script: it owns the whole optimizer step,
+# so it can normalize the weights over every rank and micro-batch (the bare loss sees one call).
+SCRIPT_DEFAULTS = {
+    "weight_scope": (
+        "global",
+        "global: ReNIO weights and --reduction normalized over the optimizer step (every rank "
+        "and --grad-accum micro-batch, as one batch); micro_batch: within each rank's "
+        "micro-batch (the paper's)",
+    ),
+}
 
 
 def _option_field(f: dataclasses.Field) -> tuple:
     if f.name in DERIVED_FROM_OBJECTIVE:
         return f.name, f"{f.type} | None", DERIVED_FROM_OBJECTIVE[f.name]
     paper = f.metadata["paper_flag"]
-    meta = {"help": f.metadata["doc"] + (f" (paper: {paper})" if paper else "")}
+    default, doc = SCRIPT_DEFAULTS.get(f.name, (f.default, f.metadata["doc"]))
+    meta = {"help": doc + (f" (paper: {paper})" if paper else "")}
     if f.metadata["choices"]:
         meta["choices"] = f.metadata["choices"]
-    return f.name, f.type, field(default=f.default, metadata=meta)
+    return f.name, f.type, field(default=default, metadata=meta)
 
 
 TrainConfig = dataclasses.make_dataclass(

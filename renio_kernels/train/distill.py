@@ -7,15 +7,23 @@ the loss is ``integrations.run.distillation_loss`` (shared with the Hugging Face
 integrations): ``--loss-impl fused-linear`` hands those hidden states and the lm_head weights to
 ``fused_linear_renio_loss``, so the ``(B, C, V)`` logits never exist; ``logits`` asks the models
 for the logits of the completion positions only (``logits_to_keep``).
+
+``--weight-scope global`` (the script's default): one ``StepNormalizer`` for the run normalizes
+the weights and the reduction over every rank and micro-batch of an optimizer step; each
+micro-batch's loss is backpropagated as it is (not divided by ``--grad-accum``) and
+``finish_step`` rescales the gradients once, after their all-reduce (``dist.allreduce_grads``
+averages them, the normalizer's ``grads_averaged=True``) and before clipping.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 import renio_kernels
 
 from ..core.options import ReNIOOptions
+from ..core.step import StepNormalizer
 from ..integrations.run import causal_logits, distillation_loss, use_fused_linear
 from .generation import Rollout, sequences_for
 
@@ -26,13 +34,69 @@ _NAMES = ("--loss-impl fused-linear", "--loss-impl logits")
 
 
 class DistillLoss:
-    """The objective over one rollout; keeps the ``"ema"`` weight normalization's running mean."""
+    """The objective over one rollout; keeps the ``"ema"`` weight normalization's running mean
+    and, with ``weight_scope="global"``, the run's ``StepNormalizer``."""
 
     def __init__(self, cfg, options: ReNIOOptions):
         self.cfg = cfg
         self.options = options
         self.fused = cfg.loss_impl == "fused-linear"
-        self.ema_state = torch.full((), float("nan"))
+        self._ema = torch.full((), float("nan"))
+        self.normalizer = None  # the sampled reverse KL has no weights: per micro-batch
+        if options.weight_scope == "global" and cfg.objective != "sampled-reverse-kl":
+            self.normalizer = StepNormalizer(grads_averaged=True)
+        self._first = None  # (sequences, valid tokens) of this rank's first call of the step
+
+    @property
+    def ema_state(self) -> torch.Tensor:
+        """The ``"ema"`` running mean (checkpointed): the normalizer's with the global scope."""
+        return self._ema if self.normalizer is None else self.normalizer.ema_mean
+
+    def micro_batch_scale(self, grad_accum: int) -> float:
+        """What a micro-batch's loss is multiplied by before its backward: the paper's
+        per-micro-batch losses are averaged over the step's micro-batches (and over the ranks by
+        the gradient all-reduce); a global-scope loss already is its share of the step's."""
+        return 1.0 if self.normalizer is not None else 1.0 / grad_accum
+
+    def contribute_nothing(self, device) -> None:
+        """Global scope, a micro-batch with nothing to train on this rank (``--sgo-filter``)
+        while other ranks have some: join the step's normalization with zero sequences (the
+        other ranks wait for this rank's totals). Nothing to backpropagate."""
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        mask = torch.zeros(0, 1, dtype=torch.bool, device=device)
+        self._note_first(0, 0, device)
+        self.normalizer.weigh(empty, empty, empty, mask, self.options)
+
+    def _note_first(self, sequences: int, tokens, device) -> None:
+        if not self.normalizer.pending:
+            self._first = torch.tensor([sequences, int(tokens)], dtype=torch.float64, device=device)
+
+    def finish_step(self, params) -> tuple[float | None, float]:
+        """End the optimizer step after the gradient all-reduce, before clipping: with the global
+        scope, rescale the gradients (``StepNormalizer.finish``). Returns the step's loss (None
+        for the micro-batch scope, whose loss is the mean of the calls') and the factor from the
+        weights the calls returned (the step's first micro-batch's normalization) to the step's
+        final ones, for the logs."""
+        if self.normalizer is None:
+            return None, 1.0
+        if not self.normalizer.pending:  # no sequence kept on any rank in this whole step
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)  # as the micro-batch scope's zero-times backward
+            return None, 1.0
+        first = self._first
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(first)
+        result = self.normalizer.finish(params)
+        reduction = self.options.reduction
+        if reduction == "sequence_mean":
+            z_first, z_step = first[0], result.sequences
+        elif reduction == "token_mean":
+            z_first, z_step = first[1].clamp(min=1), result.tokens.clamp(min=1)
+        else:
+            z_first = z_step = 1.0
+        factor = float(result.grad_scale * z_step / z_first)
+        return float(result.loss), factor
 
     def check_models(self, student, teacher) -> None:
         """Before the run: with ``--loss-impl fused-linear``, prove for each model (once) that its
@@ -68,8 +132,13 @@ class DistillLoss:
                 backend=self.cfg.backend,
             )
             return loss, None
-        if self.ema_state.device != s_ids.device:
-            self.ema_state = self.ema_state.to(s_ids.device)
+        scope = {"normalizer": self.normalizer, "ema_state": None}
+        if self.normalizer is None:
+            if self._ema.device != s_ids.device:
+                self._ema = self._ema.to(s_ids.device)
+            scope = {"ema_state": self._ema}
+        else:
+            self._note_first(labels.shape[0], (labels != ignore).sum(), labels.device)
         return distillation_loss(
             student,
             teacher,
@@ -81,5 +150,5 @@ class DistillLoss:
             names=_NAMES,
             backend=self.cfg.backend,
             return_stats=True,
-            ema_state=self.ema_state,
+            **scope,
         )

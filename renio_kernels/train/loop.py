@@ -3,7 +3,9 @@
 Per optimizer step and micro-batch: take prompts -> the student samples completions -> the
 answers are checked -> (optionally) only correct or incorrect ones are kept -> student and
 teacher run over prompt + completion -> the ReNIO loss on the completion positions -> backward.
-Then the gradients are all-reduced across ranks, clipped, and AdamW steps under warmup + cosine.
+Then the gradients are all-reduced across ranks, rescaled to the step's normalization
+(``--weight-scope global``, ``DistillLoss.finish_step``), clipped, and AdamW steps under warmup +
+cosine.
 """
 
 from __future__ import annotations
@@ -422,6 +424,31 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _skip_for_global_scope(loss_fn, keep: list[int], cfg, info: DistInfo, device) -> bool:
+    """Whether a global-scope micro-batch with nothing kept here (``--sgo-filter``) is done: if
+    another rank kept some, this one joins the step's normalization with zero sequences; if
+    none did, no rank calls the loss (an all-empty first call would leave nothing to normalize
+    by)."""
+    if loss_fn.normalizer is None or cfg.sgo_filter == "all":
+        return False
+    kept_anywhere = sum(all_gather_objects(len(keep), info)) > 0
+    if keep:
+        return False
+    if kept_anywhere:
+        loss_fn.contribute_nothing(device)
+    return True
+
+
+def _final_weights(sums: dict, scores: list[float], factor: float, cfg) -> list[float]:
+    """The logged ReNIO weights times ``factor``: from the normalization the global scope's
+    calls returned (the step's first micro-batch's) to the step's own."""
+    if cfg.objective != "renio" or factor == 1.0:
+        return scores
+    for key in ("w_sum", "w_min", "w_max"):
+        sums[key] *= factor
+    return [s * factor for s in scores]
+
+
 def _train_step(
     cfg,
     step,
@@ -469,6 +496,8 @@ def _train_step(
         correct = [is_correct(t, p["answer"]) for t, p in zip(rollout.texts, problems, strict=True)]
         correct_all += correct
         keep = _keep_index(correct, cfg.sgo_filter)
+        if _skip_for_global_scope(loss_fn, keep, cfg, info, device):
+            continue
         teacher_prompt = None
         if cfg.mode == "opsd":
             teacher_prompt = encode_prompts(
@@ -484,7 +513,7 @@ def _train_step(
         t0 = time.perf_counter()
         with _autocast(cfg, device):
             loss, stats = loss_fn(student, teacher, rollout, teacher_prompt)
-        scale = (1.0 if keep else 0.0) / cfg.grad_accum
+        scale = (1.0 if keep else 0.0) * loss_fn.micro_batch_scale(cfg.grad_accum)
         (loss * scale).backward()
         train_time += time.perf_counter() - t0
         train_tokens += int(rollout.prompt_mask.sum() + rollout.completion_mask.sum())
@@ -507,6 +536,8 @@ def _train_step(
             score_correct += [correct[i] for i in sel]
     t0 = time.perf_counter()
     allreduce_grads(params, info)
+    step_loss, weight_factor = loss_fn.finish_step(params)  # before clipping
+    scores = _final_weights(sums, scores, weight_factor, cfg)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
@@ -545,7 +576,7 @@ def _train_step(
     record = {
         "kind": "train",
         "step": step,
-        "loss": _mean(losses) if losses else 0.0,
+        "loss": step_loss if step_loss is not None else (_mean(losses) if losses else 0.0),
         "lr": scheduler.get_last_lr()[0],
         "grad_norm": float(grad_norm),
         "divergence_mean": tot["divergence"] / n_seq if tot["n_seq"] else None,

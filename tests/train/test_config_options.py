@@ -9,13 +9,15 @@ import dataclasses
 import importlib.util
 import sys
 
+import pytest
+
 import renio_kernels.core.options as options_module
 from renio_kernels import ReNIOOptions
 from renio_kernels.core.options import option_fields
 from renio_kernels.train import config
 
 # The documented exceptions: config keys whose default is not the record's.
-EXCEPTIONS = set(config.DERIVED_FROM_OBJECTIVE)
+EXCEPTIONS = set(config.DERIVED_FROM_OBJECTIVE) | set(config.SCRIPT_DEFAULTS)
 
 
 def test_every_option_is_a_key_and_a_flag():
@@ -27,15 +29,31 @@ def test_every_option_is_a_key_and_a_flag():
         if f.name not in EXCEPTIONS:
             assert fields[f.name].default == f.default, f.name
             assert flags[f.name].choices == f.metadata["choices"], f.name
-    assert EXCEPTIONS == {"use_renio"}
+    assert EXCEPTIONS == {"use_renio", "weight_scope"}
     assert fields["use_renio"].default is None
+    # the script normalizes over its whole optimizer step; the bare loss over the call
+    assert fields["weight_scope"].default == "global"
+    assert ReNIOOptions().weight_scope == "micro_batch"
+    assert flags["weight_scope"].choices == ("micro_batch", "global")
 
 
 def test_flags_reach_the_loss_options():
     cfg = config.parse_config(["--beta", "0.5", "--divergence", "tvd", "--token-clip", "none"])
-    assert config.loss_options(cfg) == ReNIOOptions(beta=0.5, divergence="tvd")
+    expected = ReNIOOptions(beta=0.5, divergence="tvd", weight_scope="global")
+    assert config.loss_options(cfg) == expected
     opd = config.loss_options(config.parse_config(["--objective", "opd"]))
-    assert opd == ReNIOOptions(use_renio=False)
+    assert opd == ReNIOOptions(use_renio=False, weight_scope="global")
+    paper = ["--weight-scope", "micro_batch", "--reduction", "token_mean"]
+    assert config.loss_options(config.parse_config(paper)) == ReNIOOptions(reduction="token_mean")
+
+
+def test_reduction_with_the_sampled_reverse_kl_is_an_error():
+    for argv in (
+        ["--objective", "sampled-reverse-kl", "--reduction", "sum"],
+        ["--compare", "renio,sampled-reverse-kl", "--reduction", "token_mean"],
+    ):
+        with pytest.raises(ValueError, match="always a token mean per micro-batch: drop"):
+            config.parse_config(argv)
 
 
 def test_a_new_option_needs_no_other_edit(monkeypatch):
