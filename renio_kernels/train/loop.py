@@ -637,7 +637,13 @@ def resolve_config(argv: list[str] | None) -> TrainConfig:
         saved = Path(given["resume"])
         run_dir = saved if (saved / "config.yaml").is_file() else saved.parent.parent
         if (run_dir / "config.yaml").is_file():
-            values = {**read_config_file(run_dir / "config.yaml"), **given}
+            # A run saved before the weight scope existed normalized per micro-batch: resume it
+            # so, not under the script's newer default.
+            saved_values = {
+                "weight_scope": "micro_batch",
+                **read_config_file(run_dir / "config.yaml"),
+            }
+            values = {**saved_values, **given}
             values["out"] = given.get("out", str(run_dir))  # continue in place by default
     cfg = TrainConfig(**values)
     cfg.validate()

@@ -74,3 +74,16 @@ def test_a_new_option_needs_no_other_edit(monkeypatch):
     assert fresh.TrainConfig().new_knob == 0.25
     cfg = fresh.parse_config(["--new-knob", "0.5"])
     assert fresh.loss_options(cfg).new_knob == 0.5
+
+
+def test_resume_of_a_run_saved_before_the_weight_scope_keeps_micro_batch(tmp_path):
+    """A run saved before the weight scope existed normalized per micro-batch; resuming it
+    must not switch it to the script's newer ``global`` default."""
+    from renio_kernels.train.loop import resolve_config
+
+    (tmp_path / "config.yaml").write_text("beta: 0.5\n")
+    assert resolve_config(["--resume", str(tmp_path)]).weight_scope == "micro_batch"
+    (tmp_path / "config.yaml").write_text("beta: 0.5\nweight_scope: global\n")
+    assert resolve_config(["--resume", str(tmp_path)]).weight_scope == "global"
+    given = ["--resume", str(tmp_path), "--weight-scope", "micro_batch"]
+    assert resolve_config(given).weight_scope == "micro_batch"
