@@ -1,0 +1,171 @@
+"""``weight_scope="global"`` inside a real ``transformers.Trainer`` (``ReNIOTrainerMixin``) and
+TRL's trainer, in one process: 2 accumulated micro-batches give one batch's step, rescaled
+before the Trainer's gradient clipping, with the step's loss logged. The 2-process runs are in
+``test_data_parallel.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+from renio_kernels import ReNIOOptions, StepNormalizer
+
+pytest.importorskip("transformers", reason="the HF integration needs transformers")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+from tests.integrations.trainer_runs import (  # noqa: E402
+    LR,
+    max_abs,
+    max_abs_diff,
+    one_batch_step,
+    trainer_step,
+)
+
+OPTS = ReNIOOptions(beta=0.5, token_clip=0.5, threshold=0.1)
+GLOBAL = dataclasses.replace(OPTS, weight_scope="global")
+CLIP = 0.05  # binds: the step's gradient norm is several times larger
+
+
+def test_hf_trainer_global_scope_accumulation_equals_one_batch(tmp_path):
+    """2 x 2 with the global scope == one batch of 4, gradients compared after the Trainer's
+    clipping: the rescale (grad_scale != 1 here) must come before it, or the clipped gradients
+    would differ by that factor."""
+    ref_unclipped = one_batch_step(OPTS, 4)
+    ref = one_batch_step(OPTS, 4, max_grad_norm=CLIP)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_unclipped["grads"]]))
+    assert norm > 2 * CLIP
+    run = trainer_step(GLOBAL, 2, 2, 4, max_grad_norm=CLIP, output_dir=str(tmp_path))
+    result = run["trainer"].renio_step_result
+    assert abs(result.grad_scale.item() - 1.0) > 1e-2
+    scale = max_abs(ref["grads"])
+    assert max_abs_diff(run["grads"], ref["grads"]) <= 2e-5 * scale
+    assert max_abs_diff(run["params"], ref["params"]) <= 2e-5 * LR * scale
+    torch.testing.assert_close(result.loss.float(), ref["loss"], rtol=1e-5, atol=0)
+    (logged,) = run["logged"]
+    assert logged == pytest.approx(ref["loss"].item(), rel=1e-5)
+    assert not run["trainer"].renio_normalizer.pending
+
+
+def test_hf_trainer_micro_batch_scope_still_averages(tmp_path):
+    """The default scope is unchanged: the Trainer divides each micro-batch loss by the
+    accumulation steps (``loss_is_scaled_for_ga`` False), and the logged loss is their mean."""
+    run = trainer_step(OPTS, 2, 2, 4, output_dir=str(tmp_path))
+    trainer = run["trainer"]
+    assert trainer.loss_is_scaled_for_ga is False and trainer.renio_normalizer is None
+    (logged,) = run["logged"]
+    halves = [one_batch_step(OPTS, 2)["loss"]]  # rows 0-1; rows 2-3 below
+    from renio_kernels.integrations.hf import renio_distillation_loss
+    from tests.integrations.tiny_models import tiny_llama
+    from tests.integrations.trainer_runs import batch, teacher
+
+    ids, attn, comp = batch(4)
+    halves.append(
+        renio_distillation_loss(
+            tiny_llama(0), teacher(), ids[2:], attn[2:], comp[2:], options=OPTS
+        ).detach()  # fmt: skip
+    )
+    assert logged == pytest.approx(float(sum(halves)) / 2, rel=1e-5)
+
+
+def test_hf_trainer_global_scope_eval_is_per_batch(tmp_path):
+    """In eval mode the global scope computes the per-batch loss and leaves the step alone."""
+    run = trainer_step(GLOBAL, 2, 2, 4, output_dir=str(tmp_path), logging=False)
+    trainer = run["trainer"]
+    from tests.integrations.trainer_runs import batch
+
+    ids, attn, comp = batch(4)
+    inputs = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, inputs)
+    trainer.model.train()
+    assert not trainer.renio_normalizer.pending
+    from renio_kernels.integrations.hf import renio_distillation_loss
+
+    with torch.no_grad():
+        ref = renio_distillation_loss(trainer.model, trainer.teacher_model, ids, attn, comp,
+                                      options=OPTS)  # fmt: skip
+    torch.testing.assert_close(loss, ref)
+
+
+def test_global_scope_refuses_deepspeed():
+    from accelerate.utils import DistributedType
+
+    from renio_kernels.integrations.steps import TrainerWeightScope
+
+    scope = TrainerWeightScope()
+    scope.renio_options = GLOBAL
+    scope.model = torch.nn.Linear(1, 1)
+    scope.accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    with pytest.raises(ValueError, match="weight_scope='micro_batch' with DeepSpeed"):
+        scope.renio_scope_kwargs(torch.device("cpu"))
+    scope.accelerator = types.SimpleNamespace(distributed_type=DistributedType.NO)
+    kwargs = scope.renio_scope_kwargs(torch.device("cpu"))
+    assert isinstance(kwargs["normalizer"], StepNormalizer) and kwargs["ema_state"] is None
+    assert scope.loss_is_scaled_for_ga is True
+
+
+# --- TRL ----------------------------------------------------------------------------------
+
+
+def test_trl_trainer_global_scope_accumulation_equals_one_batch(tmp_path, monkeypatch):
+    """TRL generates one batch for the whole step and splits it into the micro-batches (same
+    widths), so their concatenation is the one batch to compare with."""
+    trl_mod = pytest.importorskip("renio_kernels.integrations.trl", reason="needs trl")
+    from datasets import Dataset
+
+    from renio_kernels.integrations.run import distillation_loss
+    from tests.integrations.test_trl import tiny_tokenizer
+    from tests.integrations.tiny_models import tiny_llama
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    seen: dict = {"inputs": [], "grads": []}
+
+    class Recording(trl_mod.ReNIODistillationTrainer):
+        def _renio_loss(self, student, inputs):
+            keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+            seen["inputs"].append({k: inputs[k].clone() for k in keys})
+            return super()._renio_loss(student, inputs)
+
+        def training_step(self, *args, **kwargs):
+            out = super().training_step(*args, **kwargs)
+            if self.accelerator.sync_gradients:  # after finish, before clipping and the step
+                seen["grads"].append([p.grad.clone() for p in self.model.parameters()])
+            return out
+
+    args = trl_mod.ReNIODistillationConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=1, learning_rate=1e-3, max_completion_length=6, bf16=False, use_cpu=True,
+        report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
+        renio_backend="torch", renio_fused_linear=True, beta=0.5, token_clip=0.5,
+        threshold=0.1, weight_scope="global",
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 64, (4,), generator=g))
+               for _ in range(4)]  # fmt: skip
+    teacher = tiny_llama(1, hidden=48)
+    trainer = Recording(model=tiny_llama(0), teacher_model=teacher, args=args,
+                        train_dataset=Dataset.from_dict({"prompt": prompts}),
+                        processing_class=tiny_tokenizer())  # fmt: skip
+    assert trainer.loss_is_scaled_for_ga is True
+    trainer.train()
+    assert len(seen["inputs"]) == 2 and len(seen["grads"]) == 1
+    whole = {k: torch.cat([x[k] for x in seen["inputs"]]) for k in seen["inputs"][0]}
+    input_ids, attention_mask, labels, _ = trainer.renio_batch(whole)
+    student = tiny_llama(0)
+    loss = distillation_loss(
+        student, teacher.eval(), labels, {"input_ids": input_ids, "attention_mask": attention_mask},
+        options=OPTS, fused_linear=True, access=trainer.renio_access, backend="torch",
+    )  # fmt: skip
+    loss.backward()
+    ref = [p.grad for p in student.parameters()]
+    assert max_abs_diff(seen["grads"][0], ref) <= 2e-5 * max_abs(ref)
+    torch.testing.assert_close(trainer.renio_step_result.loss.float(), loss.detach(), rtol=1e-5,
+                               atol=0)  # fmt: skip
+    (logged,) = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx(loss.item(), rel=1e-5)
