@@ -168,3 +168,48 @@ def test_ddp_with_the_lm_head_read_outside_forward():
     synchronized. The integrations avoid all three by running the whole step inside the
     wrapper's forward."""
     run_workers(_outside_forward_worker, WORLD)
+
+
+# --- the Trainer under accelerate, 2 CPU processes -------------------------------------------
+
+
+def _trainer_worker(rank, world, output_dir, out):
+    from accelerate.utils import DistributedType
+
+    from tests.integrations import trainer_runs as tr
+
+    tr.accelerate_env(rank, world)
+    opts = _options("batch_mean", "sequence_mean", "micro_batch")
+    global_opts = _options("batch_mean", "sequence_mean", "global")
+    run = tr.trainer_step(global_opts, PER_MICRO, MICRO, N_SEQ, max_grad_norm=0.05,
+                          output_dir=output_dir)  # fmt: skip
+    trainer = run["trainer"]
+    assert trainer.accelerator.distributed_type == DistributedType.MULTI_CPU
+    assert trainer.accelerator.num_processes == world
+    assert isinstance(trainer.model_wrapped, nn.parallel.DistributedDataParallel)
+    ref = tr.one_batch_step(opts, N_SEQ, max_grad_norm=0.05)
+    scale = tr.max_abs(ref["grads"])
+    grad_diff = tr.max_abs_diff(run["grads"], ref["grads"])
+    param_diff = tr.max_abs_diff(run["params"], ref["params"])
+    assert grad_diff <= 2e-5 * scale, (grad_diff, scale)
+    assert param_diff <= 2e-5 * tr.LR * scale, (param_diff, scale)
+    result = trainer.renio_step_result
+    torch.testing.assert_close(result.loss.float(), ref["loss"], rtol=1e-5, atol=0)
+    (logged,) = run["logged"]
+    assert logged == pytest.approx(ref["loss"].item(), rel=1e-5)
+    if rank == 0:
+        out.put((grad_diff, scale, param_diff, result.grad_scale.item()))
+
+
+def test_trainer_under_accelerate_on_2_processes_equals_one_batch(tmp_path):
+    """``ReNIOTrainerMixin`` + ``Trainer`` on 2 gloo processes (accelerate's MULTI_CPU, the model
+    wrapped in DDP), 2 micro-batches each, ``weight_scope="global"``, clipping that binds: the
+    optimizer sees one process's clipped gradient of one batch of all 8 sequences."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    import multiprocessing
+
+    out = multiprocessing.get_context("spawn").SimpleQueue()
+    run_workers(_trainer_worker, WORLD, str(tmp_path), out)
+    grad_diff, scale, param_diff, grad_scale = out.get()
+    print(f"\nTrainer x 2 processes: max|grad diff| {grad_diff:.3g} (max|grad| {scale:.3g}), "
+          f"max|param diff| {param_diff:.3g}, grad_scale {grad_scale:.4f}")  # fmt: skip
