@@ -213,3 +213,55 @@ def test_trainer_under_accelerate_on_2_processes_equals_one_batch(tmp_path):
     grad_diff, scale, param_diff, grad_scale = out.get()
     print(f"\nTrainer x 2 processes: max|grad diff| {grad_diff:.3g} (max|grad| {scale:.3g}), "
           f"max|param diff| {param_diff:.3g}, grad_scale {grad_scale:.4f}")  # fmt: skip
+
+
+def _trl_worker(rank, world, output_dir, out):
+    import os
+
+    from renio_kernels.integrations import trl as trl_mod
+    from renio_kernels.integrations.run import distillation_loss
+    from tests.integrations import trainer_runs as tr
+    from tests.integrations.tiny_models import tiny_llama
+
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    tr.accelerate_env(rank, world)
+    trainer, seen = tr.trl_step(trl_mod, output_dir)
+    assert trainer.accelerator.num_processes == world
+    # The reference: one process, the step's 4 micro-batches (each rank's generations; their
+    # widths differ across ranks) under one StepNormalizer over a group of one rank.
+    every = [None] * world
+    dist.all_gather_object(every, seen["inputs"])
+    groups = [dist.new_group([r]) for r in range(world)]
+    norm = rk.StepNormalizer(group=groups[rank])
+    student = tiny_llama(0)
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    for inputs in (x for share in every for x in share):
+        input_ids, attention_mask, labels, _ = trainer.renio_batch(inputs)
+        loss = distillation_loss(
+            student, teacher, labels, {"input_ids": input_ids, "attention_mask": attention_mask},
+            options=trainer.renio_options, normalizer=norm, fused_linear=True,
+            access=trainer.renio_access, backend="torch",
+        )  # fmt: skip
+        loss.backward()
+    result = norm.finish(student.parameters())
+    ref = [p.grad for p in student.parameters()]
+    grad_diff, scale = tr.max_abs_diff(seen["grads"][0], ref), tr.max_abs(ref)
+    assert grad_diff <= 2e-5 * scale, (grad_diff, scale)
+    torch.testing.assert_close(trainer.renio_step_result.loss, result.loss, rtol=1e-6, atol=0)
+    (logged,) = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx(result.loss.item(), rel=1e-5)
+    if rank == 0:
+        out.put((grad_diff, scale))
+
+
+def test_trl_trainer_under_accelerate_on_2_processes(tmp_path):
+    """``ReNIODistillationTrainer`` on 2 gloo processes, 2 micro-batches of on-policy generations
+    each, ``weight_scope="global"``: the step's gradient equals one process's over the same 4
+    micro-batches (which ``tests/test_weight_scope.py`` shows equals one batch of them all)."""
+    pytest.importorskip("renio_kernels.integrations.trl", reason="needs trl")
+    import multiprocessing
+
+    out = multiprocessing.get_context("spawn").SimpleQueue()
+    run_workers(_trl_worker, WORLD, str(tmp_path), out)
+    grad_diff, scale = out.get()
+    print(f"\nTRL x 2 processes: max|grad diff| {grad_diff:.3g} (max|grad| {scale:.3g})")

@@ -116,44 +116,14 @@ def test_trl_trainer_global_scope_accumulation_equals_one_batch(tmp_path, monkey
     """TRL generates one batch for the whole step and splits it into the micro-batches (same
     widths), so their concatenation is the one batch to compare with."""
     trl_mod = pytest.importorskip("renio_kernels.integrations.trl", reason="needs trl")
-    from datasets import Dataset
-
     from renio_kernels.integrations.run import distillation_loss
-    from tests.integrations.test_trl import tiny_tokenizer
     from tests.integrations.tiny_models import tiny_llama
+    from tests.integrations.trainer_runs import trl_step
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    seen: dict = {"inputs": [], "grads": []}
-
-    class Recording(trl_mod.ReNIODistillationTrainer):
-        def _renio_loss(self, student, inputs):
-            keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-            seen["inputs"].append({k: inputs[k].clone() for k in keys})
-            return super()._renio_loss(student, inputs)
-
-        def training_step(self, *args, **kwargs):
-            out = super().training_step(*args, **kwargs)
-            if self.accelerator.sync_gradients:  # after finish, before clipping and the step
-                seen["grads"].append([p.grad.clone() for p in self.model.parameters()])
-            return out
-
-    args = trl_mod.ReNIODistillationConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=1, learning_rate=1e-3, max_completion_length=6, bf16=False, use_cpu=True,
-        report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
-        renio_backend="torch", renio_fused_linear=True, beta=0.5, token_clip=0.5,
-        threshold=0.1, weight_scope="global",
-    )  # fmt: skip
-    g = torch.Generator().manual_seed(0)
-    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 64, (4,), generator=g))
-               for _ in range(4)]  # fmt: skip
-    teacher = tiny_llama(1, hidden=48)
-    trainer = Recording(model=tiny_llama(0), teacher_model=teacher, args=args,
-                        train_dataset=Dataset.from_dict({"prompt": prompts}),
-                        processing_class=tiny_tokenizer())  # fmt: skip
-    assert trainer.loss_is_scaled_for_ga is True
-    trainer.train()
+    trainer, seen = trl_step(trl_mod, str(tmp_path))
+    teacher = trainer.teacher_model
     assert len(seen["inputs"]) == 2 and len(seen["grads"]) == 1
     whole = {k: torch.cat([x[k] for x in seen["inputs"]]) for k in seen["inputs"][0]}
     input_ids, attention_mask, labels, _ = trainer.renio_batch(whole)

@@ -107,3 +107,44 @@ def max_abs_diff(xs, refs) -> float:
 
 def max_abs(xs) -> float:
     return max(x.abs().max().item() for x in xs)
+
+
+def trl_step(trl_mod, output_dir: str, *, max_grad_norm: float = 0.0):
+    """One optimizer step of ``ReNIODistillationTrainer`` (2 micro-batches of 2 on-policy
+    generations per process, ``weight_scope="global"``); returns the trainer and what it saw:
+    each micro-batch's inputs and the gradients right after ``finish`` (before clipping)."""
+    from datasets import Dataset
+
+    from tests.integrations.test_trl import tiny_tokenizer
+
+    seen: dict = {"inputs": [], "grads": []}
+
+    class Recording(trl_mod.ReNIODistillationTrainer):
+        def _renio_loss(self, student, inputs):
+            keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+            seen["inputs"].append({k: inputs[k].clone() for k in keys})
+            return super()._renio_loss(student, inputs)
+
+        def training_step(self, *args, **kwargs):
+            out = super().training_step(*args, **kwargs)
+            if self.accelerator.sync_gradients:
+                seen["grads"].append([p.grad.clone() for p in self.model.parameters()])
+            return out
+
+    args = trl_mod.ReNIODistillationConfig(
+        output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=1, learning_rate=1e-3, max_completion_length=6, bf16=False, use_cpu=True,
+        report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
+        max_grad_norm=max_grad_norm, renio_backend="torch", renio_fused_linear=True, beta=0.5,
+        token_clip=0.5, threshold=0.1, weight_scope="global",
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 64, (4,), generator=g))
+               for _ in range(8)]  # fmt: skip
+    trainer = Recording(model=tiny_llama(0), teacher_model=tiny_llama(1, hidden=48), args=args,
+                        train_dataset=Dataset.from_dict({"prompt": prompts}),
+                        processing_class=tiny_tokenizer())  # fmt: skip
+    assert trainer.loss_is_scaled_for_ga is True
+    trainer.train()
+    assert len(seen["inputs"]) == 2 and len(seen["grads"]) == 1
+    return trainer, seen
