@@ -197,6 +197,7 @@ def _trainer_worker(rank, world, output_dir, out):
     torch.testing.assert_close(result.loss.float(), ref["loss"], rtol=1e-5, atol=0)
     (logged,) = run["logged"]
     assert logged == pytest.approx(ref["loss"].item(), rel=1e-5)
+    assert run["grad_norm"][0] == pytest.approx(ref["grad_norm"], rel=1e-5)  # before clipping
     if rank == 0:
         out.put((grad_diff, scale, param_diff, result.grad_scale.item()))
 

@@ -35,7 +35,8 @@ def trainer_step(opts: ReNIOOptions, per_device: int, accum: int, n: int, *, max
                  output_dir: str, logging: bool = True) -> dict:  # fmt: skip
     """One optimizer step over ``n`` sequences (every process's share of ``batch(n)``); returns
     the gradients the optimizer saw (after clipping), the parameters after the step, the logged
-    loss and the trainer."""
+    loss and gradient norm (before clipping: a clipping that binds hides the gradient's scale)
+    and the trainer."""
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -74,11 +75,12 @@ def trainer_step(opts: ReNIOOptions, per_device: int, accum: int, n: int, *, max
     trainer.renio_options = opts
     trainer.train()
     assert len(seen["grads"]) == 1 and seen["micro_batches"] == accum
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "grads": seen["grads"][0],
         "params": [p.detach().clone() for p in trainer.model.parameters()],
-        "logged": logged,
+        "logged": [h["loss"] for h in logs],
+        "grad_norm": [h.get("grad_norm") for h in logs],
         "trainer": trainer,
     }
 
@@ -90,12 +92,14 @@ def one_batch_step(opts: ReNIOOptions, n: int, *, max_grad_norm=0.0) -> dict:
     ema = torch.full((), float("nan"))
     loss = renio_distillation_loss(student, teacher(), *batch(n), options=opts, ema_state=ema)
     loss.backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in student.parameters()])
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
     grads = [p.grad.clone() for p in student.parameters()]
     torch.optim.SGD(student.parameters(), lr=LR).step()
     return {
         "loss": loss.detach(),
+        "grad_norm": norm.item(),
         "grads": grads,
         "params": [p.detach().clone() for p in student.parameters()],
     }
