@@ -287,6 +287,6 @@ class ReNIOTrainerMixin(TrainerWeightScope):
             backend="auto",
             check_labels=True,
             keep_name="renio_logits_to_keep",
-            **self.renio_scope_kwargs(inputs["input_ids"].device),
+            **self.renio_scope_kwargs(inputs["input_ids"].device, model.training),
         )
         return (loss, None) if return_outputs else loss

@@ -59,14 +59,13 @@ class TrainerWeightScope:
     def _renio_global(self) -> bool:
         return self.renio_options.weight_scope == "global"
 
-    def renio_scope_kwargs(self, device: torch.device) -> dict:
-        """``options``, ``ema_state`` and ``normalizer`` for this loss call. In eval mode the
-        global scope computes the per-batch (micro_batch) loss and leaves the step untouched; the
-        ``"ema"`` mean is read, not advanced."""
+    def renio_scope_kwargs(self, device: torch.device, training: bool) -> dict:
+        """``options``, ``ema_state`` and ``normalizer`` for this loss call (``training``: the
+        model's mode). In eval mode the global scope computes the per-batch (micro_batch) loss
+        and leaves the step untouched; the ``"ema"`` mean is read, not advanced."""
         opts = self.renio_options
         if self.renio_ema_state is None:
             self.renio_ema_state = torch.full((), math.nan, device=device)
-        training = self.model.training
         if not self._renio_global():
             ema = self.renio_ema_state if training else self.renio_ema_state.clone()
             return {"options": opts, "ema_state": ema, "normalizer": None}
@@ -81,7 +80,8 @@ class TrainerWeightScope:
     def _renio_check_global(self) -> None:
         from accelerate.utils import DistributedType
 
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator = getattr(self, "accelerator", None)  # None: the mixin outside a Trainer
+        if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ValueError(
                 "weight_scope='global' rescales the gradients after the step's last backward, "
                 "but under DeepSpeed the optimizer step runs inside accelerator.backward (and "

@@ -204,7 +204,7 @@ class ReNIODistillationTrainer(TrainerWeightScope, DistillationTrainer):
         input_ids, attention_mask, labels, multimodal = self.renio_batch(inputs)
         self.teacher_model.eval()
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        scope = self.renio_scope_kwargs(input_ids.device)
+        scope = self.renio_scope_kwargs(input_ids.device, self.model.training)
         return distillation_loss(
             student,
             teacher,

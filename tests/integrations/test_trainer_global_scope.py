@@ -98,12 +98,11 @@ def test_global_scope_refuses_deepspeed():
 
     scope = TrainerWeightScope()
     scope.renio_options = GLOBAL
-    scope.model = torch.nn.Linear(1, 1)
     scope.accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
     with pytest.raises(ValueError, match="weight_scope='micro_batch' with DeepSpeed"):
-        scope.renio_scope_kwargs(torch.device("cpu"))
+        scope.renio_scope_kwargs(torch.device("cpu"), training=True)
     scope.accelerator = types.SimpleNamespace(distributed_type=DistributedType.NO)
-    kwargs = scope.renio_scope_kwargs(torch.device("cpu"))
+    kwargs = scope.renio_scope_kwargs(torch.device("cpu"), training=True)
     assert isinstance(kwargs["normalizer"], StepNormalizer) and kwargs["ema_state"] is None
     assert scope.loss_is_scaled_for_ga is True
 
