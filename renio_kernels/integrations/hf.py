@@ -37,7 +37,7 @@ never calls: it is gathered with ``deepspeed.zero.GatheredParameters`` and copie
 fused-linear backward recomputes the logits, after the gather has ended), so one ``V x H`` copy
 per model lives from the forward to the backward. A wrapped model (DDP / FSDP / DeepSpeed engine)
 is run through its wrapper's ``forward`` so the wrapper's hooks (DDP's gradient reduction, FSDP's
-unsharding) fire. Neither sharded path could be run here (CPU only, no DeepSpeed).
+unsharding) fire. DDP and FSDP2 are tested on CPU with gloo; ZeRO-3 is not (no DeepSpeed here).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 integrations compute it (``renio_distillation_loss``: the whole step inside the wrapper's
 ``forward``, the ``lm_head`` through ``gathered_lm_head``), give the gradients and the
 parameters after an SGD step of one process on one batch holding every sequence
-(``weight_scope="micro_batch"``). Also: what DDP does when the lm_head weight is read outside
+(``weight_scope="micro_batch"``); so do the Trainer with ``ReNIOTrainerMixin`` and TRL's trainer
+under accelerate on 2 processes. Also: what DDP does when the lm_head weight is read outside
 its ``forward``."""
 
 from __future__ import annotations
