@@ -8,6 +8,8 @@
 * ``renio_kernels.integrations.run``: the step both share with ``renio-train``
   (``distillation_loss``: teacher, student, then the fused-linear or logits loss) and the
   numerical check of whether a model's logits allow the fused-linear path.
+* ``renio_kernels.integrations.steps``: the weight scope inside a ``transformers.Trainer``
+  (``weight_scope="global"``: one ``StepNormalizer`` per trainer, finished before clipping).
 
 Submodules are imported explicitly, so this package never imports TRL by itself.
 """

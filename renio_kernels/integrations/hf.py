@@ -16,17 +16,19 @@ step itself (teacher, student, loss) is ``integrations.run.distillation_loss``, 
 TRL trainer and ``renio-train``.
 
 Gradient accumulation. The ReNIO loss is a mean over sequences whose weights are normalized
-within the batch it is given (``mean_b(e)``), so the helper returns the loss of one micro-batch,
-weights normalized per micro-batch: the semantics of the paper's trainer, where each
-``per_device_batch`` is one ReNIO batch. The optimizer step must then average the micro-batch
-losses, i.e. the Trainer must divide each by the number of accumulation steps. transformers
->= 5.19 (where ``Trainer.loss_is_scaled_for_ga`` first exists) does that only when it is False
-(or when it can prove nothing normalized the loss by ``num_items_in_batch``);
-``ReNIOTrainerMixin`` sets it. With equal micro-batch sizes
-and weights that do not depend on the batch (``use_renio=False`` or ``weight_norm="none"``) the
-result equals one large batch exactly; with batch-normalized weights it is, by design, the mean
-of per-micro-batch losses (a token-count normalization via ``num_items_in_batch`` would change
-the loss's meaning and is not used).
+within the batch it is given (``mean_b(e)``). With ``weight_scope="micro_batch"`` (default) the
+helper returns the loss of one micro-batch, weights normalized per micro-batch: the semantics of
+the paper's trainer, where each ``per_device_batch`` is one ReNIO batch; the optimizer step must
+then average the micro-batch losses, i.e. the Trainer must divide each by the number of
+accumulation steps. transformers >= 5.19 (where ``Trainer.loss_is_scaled_for_ga`` first exists)
+does that only when it is False (or when it can prove nothing normalized the loss by
+``num_items_in_batch``); ``ReNIOTrainerMixin`` sets it. With equal micro-batch sizes and weights
+that do not depend on the batch (``use_renio=False`` or ``weight_norm="none"``) the result equals
+one large batch exactly; with batch-normalized weights it is, by design, the mean of
+per-micro-batch losses (a token-count normalization via ``num_items_in_batch`` would change the
+loss's meaning and is not used). With ``weight_scope="global"`` the weights are normalized over
+every rank and micro-batch of the optimizer step (``normalizer=StepNormalizer()``, then
+``finish``); the mixin does that inside the Trainer (``integrations.steps``).
 
 Sharded heads. Under FSDP2 the ``lm_head`` weight is a DTensor: it is gathered once with
 ``full_tensor()`` (its gradient is reduce-scattered by autograd). Under DeepSpeed ZeRO-3 the
@@ -35,7 +37,7 @@ never calls: it is gathered with ``deepspeed.zero.GatheredParameters`` and copie
 fused-linear backward recomputes the logits, after the gather has ended), so one ``V x H`` copy
 per model lives from the forward to the backward. A wrapped model (DDP / FSDP / DeepSpeed engine)
 is run through its wrapper's ``forward`` so the wrapper's hooks (DDP's gradient reduction, FSDP's
-unsharding) fire. Neither sharded path could be run here (CPU only, no DeepSpeed).
+unsharding) fire. DDP and FSDP2 are tested on CPU with gloo; ZeRO-3 is not (no DeepSpeed here).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ import torch
 from torch import nn
 
 from ..core.options import ReNIOOptions
+from ..core.step import StepNormalizer
 from .run import distillation_loss, fused_linear_mismatch, gathered_lm_head
+from .steps import TrainerWeightScope
 
 __all__ = [
     "ReNIOTrainerMixin",
@@ -121,6 +125,7 @@ def renio_distillation_loss(
     fused_linear: bool | None = None,
     logits_to_keep: int | None = None,
     ema_state: torch.Tensor | None = None,
+    normalizer: StepNormalizer | None = None,
     return_stats: bool = False,
     backend: str = "auto",
     check_labels: bool = True,
@@ -144,10 +149,13 @@ def renio_distillation_loss(
             the lm_head work on the prompt. A window that would drop a completion label is a
             ValueError naming the completion width (one host sync).
         ema_state: the running mean for ``weight_norm="ema"`` (see ``renio_loss``).
+        normalizer: the ``StepNormalizer`` that ``options.weight_scope == "global"`` needs (the
+            same one for every micro-batch of the optimizer step; see ``renio_loss``).
         return_stats, backend, check_labels: as in ``renio_loss``.
 
     Returns:
-        The micro-batch loss (weights normalized within this batch), or ``(loss, stats)``.
+        The micro-batch loss (weights normalized within this batch; provisional under the global
+        scope, see ``StepNormalizer``), or ``(loss, stats)``.
     """
     return _distillation_loss(
         student,
@@ -159,6 +167,7 @@ def renio_distillation_loss(
         fused_linear=fused_linear,
         logits_to_keep=logits_to_keep,
         ema_state=ema_state,
+        normalizer=normalizer,
         return_stats=return_stats,
         backend=backend,
         check_labels=check_labels,
@@ -204,6 +213,7 @@ def _distillation_loss(
     fused_linear,
     logits_to_keep,
     ema_state,
+    normalizer,
     return_stats,
     backend,
     check_labels,
@@ -230,13 +240,14 @@ def _distillation_loss(
             backend=backend,
             return_stats=return_stats,
             ema_state=ema_state,
+            normalizer=normalizer,
             check_labels=check_labels,
         )
 
     return _redirect(student, s_inner, student_side)
 
 
-class ReNIOTrainerMixin:
+class ReNIOTrainerMixin(TrainerWeightScope):
     """``compute_loss`` for a ``transformers.Trainer`` subclass::
 
         class DistillTrainer(ReNIOTrainerMixin, Trainer):
@@ -247,18 +258,16 @@ class ReNIOTrainerMixin:
         trainer.teacher_model = teacher.eval()
         trainer.renio_options = ReNIOOptions(beta=0.5, token_clip=0.05)
 
-    Batches need ``input_ids``, ``completion_mask`` and optionally ``attention_mask``.
-    ``loss_is_scaled_for_ga = False`` makes the Trainer average the per-micro-batch losses
-    over the accumulation steps (see the module docstring). ``weight_norm="ema"`` keeps its
-    running mean in ``self.renio_ema_state``.
+    Batches need ``input_ids``, ``completion_mask`` and optionally ``attention_mask``. Gradient
+    accumulation and ``weight_scope="global"`` (one ``StepNormalizer`` over every rank and
+    micro-batch of the step, ``finish`` before the Trainer's clipping): see
+    ``integrations.steps``. ``weight_norm="ema"`` keeps its running mean in
+    ``self.renio_ema_state``.
     """
 
-    loss_is_scaled_for_ga = False
     teacher_model: nn.Module
-    renio_options: ReNIOOptions = ReNIOOptions()
     renio_fused_linear: bool | None = None
     renio_logits_to_keep: int | None = None
-    renio_ema_state: torch.Tensor | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "completion_mask" not in inputs:
@@ -266,21 +275,18 @@ class ReNIOTrainerMixin:
                 "the batch has no 'completion_mask': build it in the collator, and pass "
                 "TrainingArguments(remove_unused_columns=False) so the Trainer keeps it"
             )
-        if self.renio_options.weight_norm == "ema" and self.renio_ema_state is None:
-            self.renio_ema_state = torch.full((), float("nan"), device=inputs["input_ids"].device)
         loss = _distillation_loss(
             model,
             self.teacher_model,
             inputs["input_ids"],
             inputs.get("attention_mask"),
             inputs["completion_mask"],
-            options=self.renio_options,
             fused_linear=self.renio_fused_linear,
             logits_to_keep=self.renio_logits_to_keep,
-            ema_state=self.renio_ema_state,
             return_stats=False,
             backend="auto",
             check_labels=True,
             keep_name="renio_logits_to_keep",
+            **self.renio_scope_kwargs(inputs["input_ids"].device, model.training),
         )
         return (loss, None) if return_outputs else loss

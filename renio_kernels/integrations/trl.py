@@ -28,12 +28,16 @@ changes is ``compute_loss``:
   which recomputes the logits; see ``integrations.run.gathered_lm_head``), inside the model
   wrapper's forward via TRL's ``_forward_redirection``. Only the unsharded CPU path is tested
   here;
-* gradient accumulation: each micro-batch's loss has its ReNIO weights normalized within that
-  micro-batch (the paper trainer's semantics); ``loss_is_scaled_for_ga = False`` makes the Trainer
-  average them over the accumulation steps (TRL's own loss is instead a token sum over
-  ``num_items_in_batch``, which has no ReNIO meaning). Under DDP each process normalizes over
-  its own micro-batch and the gradients are averaged;
-* the logged metrics are the ReNIO weights' min/max, the mean per-sequence divergence and the
+* gradient accumulation (``integrations.steps``): with ``weight_scope="micro_batch"`` (default)
+  each micro-batch's loss has its ReNIO weights normalized within that micro-batch (the paper
+  trainer's semantics) and the Trainer averages them over the accumulation steps (TRL's own loss
+  is instead a token sum over ``num_items_in_batch``, which has no ReNIO meaning); under DDP each
+  process normalizes over its own micro-batch and the gradients are averaged. With
+  ``weight_scope="global"`` one ``StepNormalizer`` normalizes the weights over every rank and
+  micro-batch of the optimizer step and rescales the gradients before the Trainer clips them;
+  the logged ``loss`` is the step's;
+* the logged metrics are the ReNIO weights' min/max (under the global scope normalized with the
+  step's first micro-batch, as the provisional loss is), the mean per-sequence divergence and the
   fraction of pivotal (selected) tokens, instead of TRL's entropy.
 
 The config's ReNIO fields are derived from ``ReNIOOptions`` (``option_fields()``: name, default,
@@ -46,7 +50,6 @@ teacher to share ``vocab_size``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +57,7 @@ import torch
 from ..core.options import ReNIOOptions, option_fields
 from ..ops.backends import BACKENDS
 from .run import LMAccess, distillation_loss, use_fused_linear
+from .steps import TrainerWeightScope
 
 try:
     from trl import DistillationConfig, DistillationTrainer
@@ -132,12 +136,11 @@ ReNIODistillationConfig = dataclasses.make_dataclass(
 ReNIODistillationConfig.__module__ = __name__
 
 
-class ReNIODistillationTrainer(DistillationTrainer):
+class ReNIODistillationTrainer(TrainerWeightScope, DistillationTrainer):
     """``trl.DistillationTrainer`` whose loss is ReNIO's (see the module docstring)."""
 
     _tag_names = ["trl", "distillation", "renio"]
     _name = "ReNIO Distillation"
-    loss_is_scaled_for_ga = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -149,7 +152,8 @@ class ReNIODistillationTrainer(DistillationTrainer):
         if self.teacher_model is None:
             raise ValueError("ReNIODistillationTrainer needs a teacher_model")
         self.renio_options = self.args.renio_options()
-        self.renio_ema_state = torch.full((), math.nan, device=self.accelerator.device)
+        if self.renio_options.weight_scope == "global":
+            self._renio_check_global()  # before any generation
         self.renio_access = LMAccess(hidden=self._renio_hidden)
         # Both models are checked now (once each), so a forced fused-linear path on a model that
         # post-processes its logits fails before any generation.
@@ -200,13 +204,12 @@ class ReNIODistillationTrainer(DistillationTrainer):
         input_ids, attention_mask, labels, multimodal = self.renio_batch(inputs)
         self.teacher_model.eval()
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        training = self.model.training
+        scope = self.renio_scope_kwargs(input_ids.device, self.model.training)
         return distillation_loss(
             student,
             teacher,
             labels,
             {"input_ids": input_ids, "attention_mask": attention_mask, **multimodal},
-            options=self.renio_options,
             fused_linear=self.renio_fused,
             access=self.renio_access,
             names=_NAMES,
@@ -214,6 +217,6 @@ class ReNIODistillationTrainer(DistillationTrainer):
             run_teacher=lambda fn: self._forward_redirection(self.teacher_model, teacher, fn),
             backend=self.args.renio_backend,
             return_stats=True,
-            ema_state=self.renio_ema_state if training else self.renio_ema_state.clone(),
             check_labels=self.args.renio_check_labels,
+            **scope,
         )
