@@ -1,9 +1,10 @@
 """Data parallelism under ``torchrun``: each rank samples its own completions, gradients are
 averaged with one all-reduce per optimizer step (gloo on CPU, nccl on GPU).
 
-The gradients are all-reduced by hand rather than through ``DistributedDataParallel``: the
-fused-linear loss reads the lm_head weight outside the module's ``forward``, which DDP's
-bookkeeping does not expect, and one flat all-reduce per step is simple and exact.
+The gradients are all-reduced by hand rather than through ``DistributedDataParallel``: one flat
+all-reduce per step is simple and exact, and needs no care about the fused-linear loss reading
+the lm_head weight outside the module's ``forward`` (plain DDP handles that; DDP with
+``find_unused_parameters=True`` does not, see ``docs/scaling.md``).
 """
 
 from __future__ import annotations
