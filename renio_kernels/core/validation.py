@@ -14,6 +14,7 @@ __all__ = [
     "check_ema_state",
     "check_labels_in_range",
     "check_logits_inputs",
+    "is_dtensor",
     "last_dim_contiguous",
 ]
 
@@ -151,7 +152,7 @@ def check_ema_state(opts, ema_state, module: str) -> None:
         )
 
 
-def _is_dtensor(x: torch.Tensor) -> bool:
+def is_dtensor(x: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
@@ -166,7 +167,7 @@ def _check_side(side: str, hidden, weight, bias, batch_seq: tuple[int, int] | No
             continue
         _tensor(name, x)
         check_float(name, x)
-        if _is_dtensor(x):
+        if is_dtensor(x):
             # An FSDP2 / tensor-parallel shard would silently score a slice of the vocabulary.
             raise ValueError(
                 f"{name} is a sharded DTensor ({type(x).__name__}); pass the full tensor "
