@@ -9,6 +9,7 @@ the same slice of the unsharded gradient. Each world size is one spawn running e
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import math
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 import renio_kernels as rk
 from renio_kernels import reference
+from renio_kernels.core.options import option_fields
 from renio_kernels.vocab_parallel import (
     vocab_parallel_fused_linear_renio_loss,
     vocab_parallel_renio_loss,
@@ -283,6 +285,41 @@ def _check_boundary(rank, world):
     assert torch.equal(a, vocab_parallel_renio_loss(*mine, labels).detach())
 
 
+def _check_edges(rank, world):
+    """Rows without a valid token, a rank whose slice is -inf, no_grad and frozen lm_heads."""
+    s, t, labels = _logits(world, 8, 16, torch.float32, -100, seed=7)
+    part = slice(rank * 8, rank * 8 + 8)
+    # The teacher puts no mass on rank 0's columns in one row (forward KL: those terms are 0).
+    t[2, 1, :8] = -math.inf
+    x = s[..., part].clone().requires_grad_()
+    loss = vocab_parallel_renio_loss(x, t[..., part], labels, token_clip=0.5)
+    loss.backward()
+    full = s.clone().requires_grad_()
+    loss_u = rk.renio_loss(full, t, labels, backend="torch", token_clip=0.5)
+    loss_u.backward()
+    assert torch.isfinite(loss) and _err(loss, loss_u) <= 1e-6
+    assert _err(x.grad, full.grad[..., part]) <= 1e-6
+    # A fully ignored batch: loss 0, gradients exactly 0.
+    x.grad = None
+    ignored = torch.full_like(labels, -100)
+    loss = vocab_parallel_renio_loss(x, t[..., part], ignored)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.all(x.grad == 0)
+    # Fused-linear: no gradient work under no_grad; a frozen lm_head gets none, the hidden
+    # states theirs.
+    (h_s, w_s, b_s, h_t, w_t, b_t), labels = _linear_inputs(world, 8, 16, seed=7)
+    h = h_s.clone().requires_grad_()
+    w = w_s[part].clone().requires_grad_()
+    args = (h, w, h_t, w_t[part], labels)
+    with torch.no_grad():
+        cold = vocab_parallel_fused_linear_renio_loss(*args)
+    assert cold.grad_fn is None
+    w.requires_grad_(False)
+    loss = vocab_parallel_fused_linear_renio_loss(*args)
+    loss.backward()
+    assert w.grad is None and h.grad is not None and torch.equal(cold, loss.detach())
+
+
 def _worker(rank, world, out_path, boundary):
     figs = Figures()
     _check_logits(rank, world, figs)
@@ -290,6 +327,7 @@ def _worker(rank, world, out_path, boundary):
     _check_linear(rank, world, figs)
     if boundary:
         _check_boundary(rank, world)
+        _check_edges(rank, world)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(figs.rows, f)
@@ -313,3 +351,14 @@ def test_needs_an_initialized_process_group():
     s, t, labels = make_inputs()
     with pytest.raises(ValueError, match="needs torch.distributed initialized"):
         vocab_parallel_renio_loss(s, t, labels)
+
+
+@pytest.mark.parametrize(
+    "fn", [vocab_parallel_renio_loss, vocab_parallel_fused_linear_renio_loss],
+    ids=lambda f: f.__name__,
+)  # fmt: skip
+def test_signatures_carry_every_option(fn):
+    params = inspect.signature(fn).parameters
+    for f in option_fields():
+        assert params[f.name].default == f.default, (fn.__name__, f.name)
+        assert f"{f.name}: {f.metadata['doc']}" in fn.__doc__, (fn.__name__, f.name)
