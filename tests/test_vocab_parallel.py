@@ -175,6 +175,10 @@ def _check_dtensor(rank, world, figs: Figures):
     assert torch.allclose(stats["weights"], stats_u["weights"], atol=1e-6)
     figs.add("dtensor_float32", loss_vs_unsharded=_err(loss, loss_u),
              grad_vs_unsharded=_err(grad, grad_u))  # fmt: skip
+    # The module, with labels as a replicated DTensor.
+    labels_d = distribute_tensor(labels, mesh, [Replicate()], **LOCAL)
+    with torch.no_grad():
+        assert torch.equal(rk.ReNIOLoss(**opts)(sd, td, labels_d), loss.detach())
     with pytest.raises(ValueError, match=r"supported: both logits placed Shard\(-1\)"):
         rk.renio_loss(distribute_tensor(s, mesh, [Replicate()], **LOCAL), td, labels)
     with pytest.raises(ValueError, match="teacher_logits is a plain tensor"):
@@ -285,6 +289,20 @@ def _check_boundary(rank, world):
     assert torch.equal(a, vocab_parallel_renio_loss(*mine, labels).detach())
 
 
+class CopyToTensorParallel(torch.autograd.Function):
+    """docs/scaling.md's recipe: identity forward, all-reduce (SUM) of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad
+
+
 def _check_edges(rank, world):
     """Rows without a valid token, a rank whose slice is -inf, no_grad and frozen lm_heads."""
     s, t, labels = _logits(world, 8, 16, torch.float32, -100, seed=7)
@@ -318,6 +336,11 @@ def _check_edges(rank, world):
     loss = vocab_parallel_fused_linear_renio_loss(*args)
     loss.backward()
     assert w.grad is None and h.grad is not None and torch.equal(cold, loss.detach())
+    # The documented recipe gives each rank the all-reduced hidden gradient.
+    partial, h.grad = h.grad.clone(), None
+    dist.all_reduce(partial)
+    vocab_parallel_fused_linear_renio_loss(CopyToTensorParallel.apply(h), *args[1:]).backward()
+    assert torch.equal(h.grad, partial)
 
 
 def _worker(rank, world, out_path, boundary):
