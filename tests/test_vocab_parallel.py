@@ -317,6 +317,12 @@ def _check_edges(rank, world):
     loss_u.backward()
     assert torch.isfinite(loss) and _err(loss, loss_u) <= 1e-6
     assert _err(x.grad, full.grad[..., part]) <= 1e-6
+    # A large offset on every logit costs no digits: (x / tau - max) - log z, as on one device.
+    # (The offset inputs are themselves rounded: compare with the float64 loss of the same ones.)
+    far_s, far_t = s + 1e4, t + 1e4
+    far = vocab_parallel_renio_loss(far_s[..., part], far_t[..., part], labels, token_clip=0.5)
+    ref, _ = _plain(far_s, far_t, labels, 16, {"token_clip": 0.5}, torch.float64)
+    assert _err(far, ref) <= 1e-6, (float(far), float(ref))
     # A fully ignored batch: loss 0, gradients exactly 0.
     x.grad = None
     ignored = torch.full_like(labels, -100)
