@@ -134,9 +134,9 @@ def vocab_parallel_renio_loss(
             width and labels (one small all-reduce and one host read).
 
     Returns:
-        The scalar loss in fp32, the same on every rank (or ``(loss, stats)``). The math is the
-        chunked fp32 PyTorch of ``backend="torch"`` plus three all-reduce/all-gather calls of
-        ``(B, T)``-sized tensors, none in the backward.
+        The scalar loss in fp32, bit-identical on every rank (or ``(loss, stats)``). The math is
+        the chunked fp32 PyTorch of ``backend="torch"`` plus two all-gathers of ``(B, T)``-sized
+        tensors (and ``check_labels``' all-reduce), none in the backward.
     """
     if is_dtensor(student_logits) or is_dtensor(teacher_logits):
         if group is not None or vocab_size is not None:

@@ -11,7 +11,9 @@ columns ``[offset, offset + width)`` of both sides (``VocabShard``). Per row, in
   gather instead of an all-reduce MAX then SUM: one collective's latency, ``R`` times a tiny size.
 * phase 2, local: ``sum_v e_v`` and ``C = sum_v c_v`` over the rank's columns (the token clip
   acts per element, so the clipped local sums are exact parts of the global ones); one
-  all-reduce SUM gives ``d`` and ``C``.
+  all-gather, summed in rank order on every rank, gives ``d`` and ``C``: the same bits
+  everywhere, whatever algorithm the backend's all-reduce would use, so the loss, the ReNIO
+  weights and ``ema_state`` agree exactly across ranks.
 * backward, no communication: ``g_j = dL/dd * (c_j - p_s,j C) / tau`` on the local columns with
   the global ``C`` and log-normalizers the forward saved; each rank gets its own slice.
 
