@@ -20,6 +20,7 @@ import torch.distributed as dist
 import renio_kernels as rk
 from renio_kernels import reference
 from renio_kernels.core.options import option_fields
+from renio_kernels.ops.gemm import LinearSide
 from renio_kernels.vocab_parallel import (
     vocab_parallel_fused_linear_renio_loss,
     vocab_parallel_renio_loss,
@@ -52,6 +53,7 @@ CASES = [
     (BF16, {}),
     (BF16, {"beta": 0.3, "token_clip": 0.05, "temperature": 0.7}),
     (BF16, {"divergence": "tvd"}),
+    (torch.float16, {"beta": 1.0, "token_clip": 0.05}),
 ]
 # Per-rank width W and vocab_size: an odd width; a padded vocabulary (the last rank partly
 # padding); with 4 ranks, a rank that holds padding only.
@@ -144,8 +146,8 @@ def _check_logits(rank, world, figs: Figures, seed=0):
                 plain_loss, plain_grad = _err(plain, ref), _err(plain_grad, ref_grad)
                 assert err_loss <= 2 * plain_loss, (opts, err_loss, plain_loss)
                 assert err_grad <= 2 * plain_grad, (opts, err_grad, plain_grad)
-                figs.add("bfloat16_plain_pytorch", loss_vs_float64=plain_loss,
-                         grad_vs_float64=plain_grad)  # fmt: skip
+                figs.add(f"{str(dtype).removeprefix('torch.')}_plain_pytorch",
+                         loss_vs_float64=plain_loss, grad_vs_float64=plain_grad)  # fmt: skip
             figs.add(
                 str(dtype).removeprefix("torch."), loss_vs_unsharded=_err(loss, loss_u),
                 grad_vs_unsharded=_err(x.grad, grad_u[..., lo:hi]), loss_vs_float64=err_loss,
@@ -338,6 +340,21 @@ def _check_edges(rank, world):
     with torch.no_grad():
         cold = vocab_parallel_fused_linear_renio_loss(*args)
     assert cold.grad_fn is None
+    # The local logits exist one chunk at a time, never (B * T, W) at once.
+    seen = []
+    real_logits = LinearSide.logits
+
+    def logits(side, r0, r1, buffer=None):
+        seen.append(r1 - r0)
+        return real_logits(side, r0, r1, buffer)
+
+    LinearSide.logits = logits
+    try:
+        vocab_parallel_fused_linear_renio_loss(*args, chunk_size=4).backward()
+    finally:
+        LinearSide.logits = real_logits
+    assert max(seen) == 4 and len(seen) == 2 * 2 * 4  # 15 rows: 4 chunks, 2 sides, fwd + bwd
+    h.grad = w.grad = None
     w.requires_grad_(False)
     loss = vocab_parallel_fused_linear_renio_loss(*args)
     loss.backward()
