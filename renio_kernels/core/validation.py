@@ -172,7 +172,9 @@ def _check_side(side: str, hidden, weight, bias, batch_seq: tuple[int, int] | No
             raise ValueError(
                 f"{name} is a sharded DTensor ({type(x).__name__}); pass the full tensor "
                 f"({name}.full_tensor(), or gather it under FSDP/ZeRO-3), or use "
-                "renio_kernels.integrations.hf, which gathers the lm_head for you"
+                "renio_kernels.integrations.hf, which gathers the lm_head for you; for a "
+                "tensor-parallel lm_head sharded over the vocabulary, pass each rank's rows to "
+                "renio_kernels.vocab_parallel.vocab_parallel_fused_linear_renio_loss"
             )
     if hidden.dim() != 3:
         raise ValueError(
