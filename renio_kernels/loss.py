@@ -16,10 +16,12 @@ from .core.validation import (
     check_labels_in_range,
     check_logits_inputs,
     check_normalizer,
+    is_dtensor,
     last_dim_contiguous,
 )
 from .ops.backends import resolve_backend
 from .ops.rows import DenseTeacher, DivergenceParams
+from .vocab_parallel import dtensor_renio_loss
 
 __all__ = ["renio_loss", "sampled_reverse_kl_loss", "row_stats"]
 
@@ -105,7 +107,17 @@ def renio_loss(
     unless ``token_clip`` bounds it. ``-inf`` student logits are fine for reverse KL and JSD; under
     forward KL they give ``d = +inf`` wherever the teacher has mass (unless clipped). A row that
     is ``-inf`` everywhere has no distribution and gives NaN.
+
+    DTensor logits placed ``Shard(-1)`` on a 1-D device mesh (tensor-parallel logits sharded over
+    the vocabulary, e.g. torchtitan's loss parallelism) go to the vocabulary-parallel loss
+    (``renio_kernels.vocab_parallel``, ``docs/scaling.md``): the same loss on every rank, each
+    rank's gradient on its own shard. Other DTensor placements are refused.
     """
+    if is_dtensor(student_logits) or is_dtensor(teacher_logits):
+        return dtensor_renio_loss(
+            student_logits, teacher_logits, labels, backend=backend, return_stats=return_stats,
+            ema_state=ema_state, normalizer=normalizer, check_labels=check_labels, **options,
+        )  # fmt: skip
     opts = call_options(**options)
     check_ema_state(opts, ema_state, "ReNIOLoss")
     check_normalizer(opts, normalizer)

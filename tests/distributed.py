@@ -8,6 +8,7 @@ fails the calling test with that worker's traceback.
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import traceback
@@ -30,6 +31,9 @@ def _entry(rank: int, world: int, store_path: str, fn, args, errors) -> None:
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
+        # Objects that hold collectives' state (DTensors kept alive by a traceback's reference
+        # cycle) must go while the group exists: freed at interpreter exit they can abort gloo.
+        gc.collect()
         dist.destroy_process_group()
 
 

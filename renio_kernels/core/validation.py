@@ -16,6 +16,7 @@ __all__ = [
     "check_ema_state",
     "check_labels_in_range",
     "check_logits_inputs",
+    "is_dtensor",
     "last_dim_contiguous",
 ]
 
@@ -177,7 +178,7 @@ def check_normalizer(opts, normalizer) -> None:
         )
 
 
-def _is_dtensor(x: torch.Tensor) -> bool:
+def is_dtensor(x: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
@@ -192,12 +193,14 @@ def _check_side(side: str, hidden, weight, bias, batch_seq: tuple[int, int] | No
             continue
         _tensor(name, x)
         check_float(name, x)
-        if _is_dtensor(x):
+        if is_dtensor(x):
             # An FSDP2 / tensor-parallel shard would silently score a slice of the vocabulary.
             raise ValueError(
                 f"{name} is a sharded DTensor ({type(x).__name__}); pass the full tensor "
                 f"({name}.full_tensor(), or gather it under FSDP/ZeRO-3), or use "
-                "renio_kernels.integrations.hf, which gathers the lm_head for you"
+                "renio_kernels.integrations.hf, which gathers the lm_head for you; for a "
+                "tensor-parallel lm_head sharded over the vocabulary, pass each rank's rows to "
+                "renio_kernels.vocab_parallel.vocab_parallel_fused_linear_renio_loss"
             )
     if hidden.dim() != 3:
         raise ValueError(

@@ -17,7 +17,7 @@ import torch
 from ... import config
 from ..rows import ANCHOR_COLUMNS, DivergenceParams, RowStats, check_scales, dense_logits
 
-__all__ = ["renio_fwd_torch", "renio_bwd_torch", "row_chunks"]
+__all__ = ["elementwise_terms", "renio_fwd_torch", "renio_bwd_torch", "row_chunks"]
 
 
 def row_chunks(
@@ -61,7 +61,9 @@ def _shifted(logits: torch.Tensor, inv_tau: float, lse: torch.Tensor) -> torch.T
     return x.sub_(lse.unsqueeze(-1))
 
 
-def _terms(ls: torch.Tensor, lt: torch.Tensor, params: DivergenceParams, want_grad: bool):
+def elementwise_terms(
+    ls: torch.Tensor, lt: torch.Tensor, params: DivergenceParams, want_grad: bool
+):
     """``(e, de/dls, ps)`` of ``params``' divergence, with the guards and clip of
     ``triton.math._divergence_terms``."""
     ps = ls.exp()
@@ -131,7 +133,7 @@ def renio_fwd_torch(student, teacher_input, labels, params: DivergenceParams, *,
             valid, torch.where(in_range, _sampled(lt, lab, valid), nan), zero
         )
         if with_divergence:
-            e, de, _ = _terms(ls, lt, params, want_grad=store_c)
+            e, de, _ = elementwise_terms(ls, lt, params, want_grad=store_c)
             d[bs, ts] = torch.where(valid, torch.where(in_range, e.sum(-1), nan), zero)
             if store_c:
                 c[bs, ts] = torch.where(valid, de.sum(-1), zero)
@@ -157,7 +159,7 @@ def renio_bwd_torch(student, teacher_input, labels, params: DivergenceParams, st
         g = torch.zeros_like(ls)
         if grad_d is not None:
             lt = _shifted(teacher[bs, ts, :vocab], inv_tau, stats.lse_t[bs, ts])
-            _, de, ps = _terms(ls, lt, params, want_grad=True)
+            _, de, ps = elementwise_terms(ls, lt, params, want_grad=True)
             del lt
             scale = (grad_d[bs, ts].float() * inv_tau).unsqueeze(-1)
             g.add_(de.sub_(ps * stats.c[bs, ts].unsqueeze(-1)).mul_(scale))
