@@ -51,7 +51,8 @@ class _RunSettings:
         metadata={
             "choices": MODES,
             "help": "opd: separate teacher; opsd: self-distillation, the teacher is "
-            "the frozen initial student that also sees the reference solution",
+            "the frozen initial student (or with --teacher-ema its running average) that also "
+            "sees the reference solution",
         },
     )
     objective: str = field(
@@ -97,6 +98,14 @@ class _RunSettings:
     teacher_prompt_template: str = field(
         default=DEFAULT_TEACHER_PROMPT,
         metadata={"help": "the teacher's prompt in --mode opsd ({problem}, {solution}, {answer})"},
+    )
+    teacher_ema: float | None = field(
+        default=None,
+        metadata={
+            "help": "--mode opsd: the teacher is an EMA of the student, teacher <- DECAY * "
+            "teacher + (1 - DECAY) * student after each optimizer step, DECAY in (0, 1); "
+            "none: the frozen initial student (paper: --use_ema_teacher --ema_decay)"
+        },
     )
     attn_implementation: str = field(
         default="auto",
@@ -208,6 +217,18 @@ class _RunSettings:
             raise ValueError(
                 f"--sample-temperature must be finite and > 0, got {self.sample_temperature}"
             )
+        if self.teacher_ema is not None:
+            if self.mode != "opsd":
+                raise ValueError(
+                    f"--teacher-ema averages the student into its own teacher, which only "
+                    f"self-distillation has: pass --mode opsd with it (with --mode {self.mode} "
+                    "the teacher is the separate --teacher model, which is not trained)"
+                )
+            if not 0.0 < self.teacher_ema < 1.0:
+                raise ValueError(
+                    f"--teacher-ema must be in (0, 1), got {self.teacher_ema}: 1 would keep the "
+                    "initial student (leave the flag out for that), 0 would be the student itself"
+                )
         if self.compare:
             names = self.compare_objectives()
             bad = [n for n in names if n not in OBJECTIVES]
