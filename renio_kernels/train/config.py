@@ -3,7 +3,9 @@
 Precedence: defaults < ``--config FILE`` < flags given on the command line. The loss options
 are derived from ``ReNIOOptions`` (``option_fields()``: the names, defaults, documentation and
 allowed values of docs/SPEC.md), so a new option is a key and a ``--flag`` here without an edit;
-the one exception is ``use_renio``, which ``--objective`` decides. The resolved config is written to
+the one exception is ``use_renio``, which ``--objective`` decides; a field can name its own flag
+(``option_flags.py``: a loss ``top_k`` is ``--top-k-loss``, since ``--top-k`` is the sampler's).
+The resolved config is written to
 ``RUN/config.yaml``, which ``--config`` reads back, so a run can be repeated from its own
 directory.
 """
@@ -20,9 +22,24 @@ from pathlib import Path
 from ..core.options import ReNIOOptions, option_fields
 from ..ops.backends import BACKENDS
 from .models import ASSETS
+from .option_flags import (
+    check_keys,
+    naming_the_flag,
+    option_field,
+    script_flags,
+    script_key,
+)
 from .tasks import DEFAULT_PROMPT, DEFAULT_TEACHER_PROMPT
 
-__all__ = ["TrainConfig", "given_values", "loss_options", "parse_config", "typed_value"]
+__all__ = [
+    "TrainConfig",
+    "given_values",
+    "loss_options",
+    "parse_config",
+    "script_flags",
+    "script_key",
+    "typed_value",
+]
 
 MODES = ("opd", "opsd")
 OBJECTIVES = ("renio", "opd", "sampled-reverse-kl")
@@ -245,27 +262,10 @@ class _RunSettings:
         return dataclasses.asdict(self)
 
 
-# Option fields whose config key is not the record's: ``use_renio`` follows ``--objective``.
-DERIVED_FROM_OBJECTIVE = {
-    "use_renio": field(
-        default=None, metadata={"help": "default: from --objective (renio: on, opd: off)"}
-    ),
-}
-
-
-def _option_field(f: dataclasses.Field) -> tuple:
-    if f.name in DERIVED_FROM_OBJECTIVE:
-        return f.name, f"{f.type} | None", DERIVED_FROM_OBJECTIVE[f.name]
-    paper = f.metadata["paper_flag"]
-    meta = {"help": f.metadata["doc"] + (f" (paper: {paper})" if paper else "")}
-    if f.metadata["choices"]:
-        meta["choices"] = f.metadata["choices"]
-    return f.name, f.type, field(default=f.default, metadata=meta)
-
-
+check_keys(option_fields(), [f.name for f in dataclasses.fields(_RunSettings)])
 TrainConfig = dataclasses.make_dataclass(
     "TrainConfig",
-    [_option_field(f) for f in option_fields()],
+    [option_field(f) for f in option_fields()],
     bases=(_RunSettings,),
     namespace={"__doc__": "A training run: ``_RunSettings`` plus every loss option."},
 )
@@ -274,9 +274,12 @@ TrainConfig.__module__ = __name__
 
 def loss_options(cfg: TrainConfig) -> ReNIOOptions:
     """The validated loss options of the run; ``use_renio`` from ``--objective``."""
-    values = {f.name: getattr(cfg, f.name) for f in option_fields()}
+    values = {f.name: getattr(cfg, script_key(f)) for f in option_fields()}
     values["use_renio"] = cfg.objective == "renio"
-    return ReNIOOptions(**values)
+    try:
+        return ReNIOOptions(**values)
+    except ValueError as err:
+        raise naming_the_flag(err, option_fields()) from None
 
 
 def _bool(text: str) -> bool:
@@ -385,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default
         help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         p.add_argument(
-            f"--{f.name.replace('_', '-')}",
+            *f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",)),
             type=kind,
             dest=f.name,
             choices=f.metadata.get("choices"),
