@@ -1,4 +1,5 @@
-"""Checkpoints that resume bit-for-bit: model, optimizer, scheduler, loss state and every RNG.
+"""Checkpoints that resume bit-for-bit: model, optimizer, scheduler, loss state, the EMA teacher
+(``--teacher-ema``) and every RNG.
 
 Layout: ``RUN/checkpoints/step-000050/{state.pt, rng-rank0.pt, ...}``. Rank 0 writes the shared
 state; each rank writes its own RNG (each rank samples different completions). A checkpoint is
