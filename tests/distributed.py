@@ -9,6 +9,7 @@ fails the calling test with that worker's traceback.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import traceback
 
@@ -31,6 +32,13 @@ def _entry(rank: int, world: int, store_path: str, fn, args, errors) -> None:
         raise
     finally:
         dist.destroy_process_group()
+    # A body that passed ends here, without the interpreter's teardown, in which gloo sometimes
+    # aborts the process ("terminate called without an active exception", SIGABRT: measured in
+    # 10 of 40 runs of a body with backward, AdamW, all_reduce and all_gather_object; 0 of 40
+    # with this exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_workers(fn, world: int, *args, timeout: float = 120.0) -> None:
