@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import tempfile
 import traceback
 
@@ -35,6 +36,13 @@ def _entry(rank: int, world: int, store_path: str, fn, args, errors) -> None:
         # cycle) must go while the group exists: freed at interpreter exit they can abort gloo.
         gc.collect()
         dist.destroy_process_group()
+    # A body that passed ends here, without the interpreter's teardown, in which gloo sometimes
+    # aborts the process ("terminate called without an active exception", SIGABRT: measured in
+    # 10 of 40 runs of a body with backward, AdamW, all_reduce and all_gather_object; 0 of 40
+    # with this exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_workers(fn, world: int, *args, timeout: float = 120.0) -> None:

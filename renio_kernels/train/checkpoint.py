@@ -1,4 +1,5 @@
-"""Checkpoints that resume bit-for-bit: model, optimizer, scheduler, loss state and every RNG.
+"""Checkpoints that resume bit-for-bit: model, optimizer, scheduler, loss state, the EMA teacher
+(``--teacher-ema``) and every RNG.
 
 Layout: ``RUN/checkpoints/step-000050/{state.pt, rng-rank0.pt, ...}``. Rank 0 writes the shared
 state; each rank writes its own RNG (each rank samples different completions). A checkpoint is
@@ -118,6 +119,7 @@ def save_checkpoint(
     scheduler,
     ema_state,
     keep: int,
+    teacher_ema=None,
 ) -> Path:
     """Write ``RUN/checkpoints/step-N`` through ``.tmp-step-N`` renamed into place, so a crash
     or a full disk never leaves a half checkpoint under a name ``--resume`` picks. A failed
@@ -144,6 +146,7 @@ def save_checkpoint(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "ema_state": ema_state.clone(),
+                    "teacher_ema": None if teacher_ema is None else teacher_ema.state_dict(),
                 },
                 tmp / "state.pt",
             )
@@ -177,10 +180,12 @@ def latest_checkpoint(path: Path) -> Path:
 
 
 def load_checkpoint(
-    ckpt: Path, *, rank: int, world: int, model, optimizer, scheduler, ema_state
+    ckpt: Path, *, rank: int, world: int, model, optimizer, scheduler, ema_state, teacher_ema=None
 ) -> tuple[int, dict]:
     """Restore in place; returns the step and this rank's RNG state, to set right before the
-    loop (model loading and evaluation may draw random numbers in between)."""
+    loop (model loading and evaluation may draw random numbers in between). ``teacher_ema``
+    (``--teacher-ema``) needs a checkpoint that saved one; a run resumed without it drops the
+    checkpoint's average and goes back to the frozen initial teacher."""
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     if state["world_size"] != world:
         raise ValueError(
@@ -204,6 +209,15 @@ def load_checkpoint(
             f"another shape, e.g. {k}: {tuple(state['model'][k].shape)} in the checkpoint, "
             f"{tuple(expected[k].shape)} here); resume with the run's own --student"
         )
+    saved_ema = state.get("teacher_ema")
+    if teacher_ema is not None and saved_ema is None:
+        raise ValueError(
+            f"checkpoint {str(ckpt)!r} has no EMA teacher: its run had no --teacher-ema, so "
+            "the average cannot be continued; resume without --teacher-ema (or --teacher-ema "
+            "none), or start a new run"
+        )
+    if teacher_ema is not None:
+        teacher_ema.load_state_dict(saved_ema, f"checkpoint {str(ckpt)!r}")
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -3,7 +3,9 @@
 Precedence: defaults < ``--config FILE`` < flags given on the command line. The loss options
 are derived from ``ReNIOOptions`` (``option_fields()``: the names, defaults, documentation and
 allowed values of docs/SPEC.md), so a new option is a key and a ``--flag`` here without an edit;
-the one exception is ``use_renio``, which ``--objective`` decides. The resolved config is written to
+the one exception is ``use_renio``, which ``--objective`` decides; a field can name its own flag
+(``option_flags.py``: a loss ``top_k`` is ``--top-k-loss``, since ``--top-k`` is the sampler's).
+The resolved config is written to
 ``RUN/config.yaml``, which ``--config`` reads back, so a run can be repeated from its own
 directory.
 """
@@ -20,9 +22,24 @@ from pathlib import Path
 from ..core.options import ReNIOOptions, option_fields
 from ..ops.backends import BACKENDS
 from .models import ASSETS
+from .option_flags import (
+    check_keys,
+    naming_the_flag,
+    option_field,
+    script_flags,
+    script_key,
+)
 from .tasks import DEFAULT_PROMPT, DEFAULT_TEACHER_PROMPT
 
-__all__ = ["TrainConfig", "given_values", "loss_options", "parse_config", "typed_value"]
+__all__ = [
+    "TrainConfig",
+    "given_values",
+    "loss_options",
+    "parse_config",
+    "script_flags",
+    "script_key",
+    "typed_value",
+]
 
 MODES = ("opd", "opsd")
 OBJECTIVES = ("renio", "opd", "sampled-reverse-kl")
@@ -51,7 +68,8 @@ class _RunSettings:
         metadata={
             "choices": MODES,
             "help": "opd: separate teacher; opsd: self-distillation, the teacher is "
-            "the frozen initial student that also sees the reference solution",
+            "the frozen initial student (or with --teacher-ema its running average) that also "
+            "sees the reference solution",
         },
     )
     objective: str = field(
@@ -97,6 +115,14 @@ class _RunSettings:
     teacher_prompt_template: str = field(
         default=DEFAULT_TEACHER_PROMPT,
         metadata={"help": "the teacher's prompt in --mode opsd ({problem}, {solution}, {answer})"},
+    )
+    teacher_ema: float | None = field(
+        default=None,
+        metadata={
+            "help": "--mode opsd: the teacher is an EMA of the student, teacher <- DECAY * "
+            "teacher + (1 - DECAY) * student after each optimizer step, DECAY in (0, 1); "
+            "none: the frozen initial student (paper: --use_ema_teacher --ema_decay)"
+        },
     )
     attn_implementation: str = field(
         default="auto",
@@ -214,6 +240,18 @@ class _RunSettings:
             raise ValueError(
                 f"--sample-temperature must be finite and > 0, got {self.sample_temperature}"
             )
+        if self.teacher_ema is not None:
+            if self.mode != "opsd":
+                raise ValueError(
+                    f"--teacher-ema averages the student into its own teacher, which only "
+                    f"self-distillation has: pass --mode opsd with it (with --mode {self.mode} "
+                    "the teacher is the separate --teacher model, which is not trained)"
+                )
+            if not 0.0 < self.teacher_ema < 1.0:
+                raise ValueError(
+                    f"--teacher-ema must be in (0, 1), got {self.teacher_ema}: 1 would keep the "
+                    "initial student (leave the flag out for that), 0 would be the student itself"
+                )
         if self.compare:
             names = self.compare_objectives()
             bad = [n for n in names if n not in OBJECTIVES]
@@ -230,38 +268,10 @@ class _RunSettings:
         return dataclasses.asdict(self)
 
 
-# Option fields whose config key is not the record's: ``use_renio`` follows ``--objective``.
-DERIVED_FROM_OBJECTIVE = {
-    "use_renio": field(
-        default=None, metadata={"help": "default: from --objective (renio: on, opd: off)"}
-    ),
-}
-# Loss options whose default (and help) differ in the script: it owns the whole optimizer step,
-# so it can normalize the weights over every rank and micro-batch (the bare loss sees one call).
-SCRIPT_DEFAULTS = {
-    "weight_scope": (
-        "global",
-        "global: ReNIO weights and --reduction normalized over the optimizer step (every rank "
-        "and --grad-accum micro-batch, as one batch); micro_batch: within each rank's "
-        "micro-batch (the paper's)",
-    ),
-}
-
-
-def _option_field(f: dataclasses.Field) -> tuple:
-    if f.name in DERIVED_FROM_OBJECTIVE:
-        return f.name, f"{f.type} | None", DERIVED_FROM_OBJECTIVE[f.name]
-    paper = f.metadata["paper_flag"]
-    default, doc = SCRIPT_DEFAULTS.get(f.name, (f.default, f.metadata["doc"]))
-    meta = {"help": doc + (f" (paper: {paper})" if paper else "")}
-    if f.metadata["choices"]:
-        meta["choices"] = f.metadata["choices"]
-    return f.name, f.type, field(default=default, metadata=meta)
-
-
+check_keys(option_fields(), [f.name for f in dataclasses.fields(_RunSettings)])
 TrainConfig = dataclasses.make_dataclass(
     "TrainConfig",
-    [_option_field(f) for f in option_fields()],
+    [option_field(f) for f in option_fields()],
     bases=(_RunSettings,),
     namespace={"__doc__": "A training run: ``_RunSettings`` plus every loss option."},
 )
@@ -270,9 +280,12 @@ TrainConfig.__module__ = __name__
 
 def loss_options(cfg: TrainConfig) -> ReNIOOptions:
     """The validated loss options of the run; ``use_renio`` from ``--objective``."""
-    values = {f.name: getattr(cfg, f.name) for f in option_fields()}
+    values = {f.name: getattr(cfg, script_key(f)) for f in option_fields()}
     values["use_renio"] = cfg.objective == "renio"
-    return ReNIOOptions(**values)
+    try:
+        return ReNIOOptions(**values)
+    except ValueError as err:
+        raise naming_the_flag(err, option_fields()) from None
 
 
 def _bool(text: str) -> bool:
@@ -381,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default
         help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         p.add_argument(
-            f"--{f.name.replace('_', '-')}",
+            *f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",)),
             type=kind,
             dest=f.name,
             choices=f.metadata.get("choices"),

@@ -37,6 +37,7 @@ from .checkpoint import (
 from .config import TrainConfig, given_values, loss_options, read_config_file
 from .dist import DistInfo, all_gather_objects, allreduce_grads, init_distributed, shutdown
 from .distill import DistillLoss
+from .ema import TeacherEMA
 from .evaluate import evaluate
 from .generation import encode_prompts, sample
 from .metrics import MetricsWriter, auroc, peak_memory_mb, read_metrics, records_to_resume
@@ -99,9 +100,7 @@ def _load_models(cfg: TrainConfig, device: torch.device):
     attn = resolve_attn_implementation(cfg.attn_implementation, device)
     tokenizer = load_tokenizer(cfg.student, "student")
     student = load_model(cfg.student, "student", attn).to(device)
-    if cfg.mode == "opsd":
-        teacher = copy.deepcopy(student)
-    else:
+    if cfg.mode == "opd":
         teacher_tok = load_tokenizer(cfg.teacher, "teacher")
         teacher = load_model(cfg.teacher, "teacher", attn).to(device)
         check_vocab_compatible(
@@ -110,9 +109,13 @@ def _load_models(cfg: TrainConfig, device: torch.device):
             student.get_output_embeddings().weight.shape[0],
             teacher.get_output_embeddings().weight.shape[0],
         )
-    teacher.eval().requires_grad_(False)
+    elif cfg.teacher_ema is None:
+        teacher = copy.deepcopy(student)  # the frozen initial student (no LoRA adapters)
     if cfg.lora_r > 0:
         student = _lora(student, cfg)
+    if cfg.teacher_ema is not None:
+        teacher = copy.deepcopy(student)  # after LoRA, so that the average covers the adapters
+    teacher.eval().requires_grad_(False)
     student.train()
     return tokenizer, student, teacher
 
@@ -280,6 +283,9 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
         cfg.loss_impl = "logits"
     loss_fn = DistillLoss(cfg, loss_options(cfg))
     loss_fn.check_models(student, teacher)
+    teacher_ema = None
+    if cfg.teacher_ema is not None:
+        teacher_ema = TeacherEMA(student, teacher, cfg.teacher_ema)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
@@ -294,6 +300,7 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
             optimizer=optimizer,
             scheduler=scheduler,
             ema_state=loss_fn.ema_state,
+            teacher_ema=teacher_ema,
         )
         if start_step > cfg.steps:
             raise ValueError(
@@ -338,6 +345,7 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
             scheduler,
             info,
             device,
+            teacher_ema,
         )
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             acc = _run_eval(student, tokenizer, held_out, cfg, info)
@@ -363,6 +371,7 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
                 optimizer=optimizer,
                 scheduler=scheduler,
                 ema_state=loss_fn.ema_state,
+                teacher_ema=teacher_ema,
                 keep=cfg.keep_checkpoints,
             )
     if progress is not None:
@@ -408,6 +417,7 @@ def _summary(cfg, records: list[dict], run_dir: Path, seconds: float) -> dict:
         "run_dir": str(run_dir),
         "objective": cfg.objective,
         "mode": cfg.mode,
+        "teacher_ema": cfg.teacher_ema,
         "steps": cfg.steps,
         "accuracy_before": evals[0]["eval_accuracy"] if evals and evals[0]["step"] == 0 else None,
         "accuracy_after": evals[-1]["eval_accuracy"] if evals else None,
@@ -462,6 +472,7 @@ def _train_step(
     scheduler,
     info: DistInfo,
     device,
+    teacher_ema: TeacherEMA | None = None,
 ) -> dict:
     gen_time = train_time = 0.0
     gen_tokens = train_tokens = 0
@@ -540,6 +551,8 @@ def _train_step(
     scores = _final_weights(sums, scores, weight_factor, cfg)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
+    if teacher_ema is not None:
+        teacher_ema.update()  # after the step: every rank averages the same parameters
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     train_time += time.perf_counter() - t0
