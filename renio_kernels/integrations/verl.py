@@ -32,11 +32,11 @@ What a registered loss does (docs/verl.md explains why):
   the top-k; ``lt[x]`` is then bounded from above by the k-th log-prob and ``log(1 - top-k
   mass)``, so ``r`` is a lower bound, exact whenever it reaches ``ratio_clip``; the metric
   ``renio/lt_bounded_frac`` counts the tokens where it does not;
-* the returned per-token matrix is ``w_b * d[b, t]`` (``d`` first clamped at verl's
-  ``loss_max_clamp``); verl aggregates it with ``agg_loss`` and its global counts
-  (``loss_agg_mode``), or uses it as the policy-gradient advantage. verl clamps the weighted
-  matrix again at ``loss_max_clamp``: ``renio/verl_clamp_frac`` counts the tokens where that
-  second clamp binds (``loss_max_clamp=null`` avoids it);
+* the returned per-token matrix is ``w_b * d[b, t]``; verl clamps it at ``loss_max_clamp``
+  (default 10) and aggregates it with ``agg_loss`` and its global counts (``loss_agg_mode``), or
+  uses it as the policy-gradient advantage. A clamp that binds on a weighted token changes its
+  weight: ``renio/verl_clamp_frac`` counts those tokens and a warning names the fix
+  (``loss_max_clamp=null``). With ``use_renio=False`` the loss is verl's own, bit for bit;
 * ``weight_scope="global"``: one ``StepNormalizer`` per process weighs each micro-batch with the
   step's first micro-batch's normalization and rescales the gradients once per optimizer step,
   after the last backward and before verl clips them (a wrapper of verl's
@@ -261,10 +261,8 @@ def _make_loss(base: str, opts: ReNIOOptions):
             bounded = torch.zeros_like(mask)
         r = log_ratio(ls_x.float(), lt_x.float(), mask, opts.ratio_clip)
         w, selected = _renio_weights(opts, r, mask, grad)
-        clamp = loss_config.loss_max_clamp
-        if clamp is not None:
-            d = d.clamp(min=-clamp, max=clamp)
         weighted = w.to(d.dtype).unsqueeze(-1) * d
+        clamp = loss_config.loss_max_clamp
         metrics.update(_metrics(w, r, selected, mask, bounded, weighted, clamp, opts))
         return weighted, metrics
 
