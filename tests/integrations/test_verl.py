@@ -1,4 +1,4 @@
-"""The ReNIO losses registered in verl (renio_kernels.integrations.verl), run through verl's own code.
+"""The ReNIO losses registered in verl (renio_kernels.integrations.verl), run through verl's code.
 
 Every loss here goes through verl 0.9.1's ``distillation_ppo_loss``: first as verl's engines call it
 as the logits processor (the top-k forward KL from the student's logits), then as the final loss
@@ -40,7 +40,9 @@ def _off_losses():
         for scope in ("global", "micro_batch"):
             name = f"test_{norm}_{scope}_forward_kl_topk"
             if name not in L.DISTILLATION_LOSS_REGISTRY:
-                rv.register_renio_loss(name, "forward_kl_topk", weight_norm=norm, weight_scope=scope)
+                rv.register_renio_loss(
+                    name, "forward_kl_topk", weight_norm=norm, weight_scope=scope
+                )
 
 
 _off_losses()
@@ -57,7 +59,7 @@ def make_batch(seed: int, plens, rlens, masked=()):
     teacher = (2.0 * torch.randn(n, V, generator=g, dtype=torch.float64)).log_softmax(-1)
     tlp, tid = teacher.topk(K, -1)
     seqs, off = [], 0
-    for i, (p, r) in enumerate(zip(plens, rlens)):
+    for i, (p, r) in enumerate(zip(plens, rlens, strict=True)):
         s = torch.randint(0, V, (p + r,), generator=g)
         for t in range(p, p + r):  # every other response token: the teacher's 2nd choice
             if (t + i) % 2 == 0:
@@ -66,7 +68,7 @@ def make_batch(seed: int, plens, rlens, masked=()):
         off += p + r
     logits = torch.randn(n, V, generator=g) * 1.5
     off = 0
-    for i, (s, p) in enumerate(zip(seqs, plens)):
+    for i, (s, p) in enumerate(zip(seqs, plens, strict=True)):
         for t in range(p, len(s)):  # the student confident where the teacher is not: pivotal
             if (t + i) % 3 == 1:
                 logits[off + t - 1, s[t]] += 4.0
@@ -94,13 +96,15 @@ def micro_batch(batch, idx, *, dp_size, num_tokens, num_seqs, old_log_probs=None
     ]
     fields = {
         "input_ids": _nested(seqs),
-        "prompts": _nested([s[:p] for s, p in zip(seqs, ps)]),
-        "responses": _nested([s[p:] for s, p in zip(seqs, ps)]),
+        "prompts": _nested([s[:p] for s, p in zip(seqs, ps, strict=True)]),
+        "responses": _nested([s[p:] for s, p in zip(seqs, ps, strict=True)]),
         "response_mask": _nested(masks),
         "teacher_ids": _nested([batch["tid"][r] for r in rows]),
         "teacher_logprobs": _nested([batch["tlp"][r] for r in rows]),
         # the estimators' teacher input: the sampled token's log-prob, (L, 1)
-        "teacher_sampled": _nested([_teacher_sampled(batch, i, r) for i, r in zip(idx, rows)]),
+        "teacher_sampled": _nested(
+            [_teacher_sampled(batch, i, r) for i, r in zip(idx, rows, strict=True)]
+        ),
     }
     if old_log_probs is not None:
         fields["old_log_probs"] = _nested([old_log_probs[i] for i in idx])
@@ -160,7 +164,7 @@ def reference(batch, logits64, base, *, agg="token-mean", weight_norm="batch_mea
     """The whole batch's loss in float64 (one batch holding every sequence)."""
     w_terms, factors = [], []
     off = 0
-    for i, (s, p, r) in enumerate(zip(batch["seqs"], batch["plens"], batch["rlens"])):
+    for i, (s, p, r) in enumerate(zip(batch["seqs"], batch["plens"], batch["rlens"], strict=True)):
         rows = torch.arange(off + p - 1, off + p + r - 1)
         off += len(s)
         x = s[p:]
@@ -199,7 +203,7 @@ def reference(batch, logits64, base, *, agg="token-mean", weight_norm="batch_mea
         w = f / f.mean()
     else:
         w = e
-    total = sum(wb * t for wb, t in zip(w, w_terms))
+    total = sum(wb * t for wb, t in zip(w, w_terms, strict=True))
     if agg == "token-mean":
         denom = sum(r for i, r in enumerate(batch["rlens"]) if i not in batch["masked"])
     else:
@@ -267,7 +271,7 @@ def test_topk_distillation_only_uses_old_log_probs():
     batch = make_batch(1, **SHAPE)
     ls = batch["logits"].log_softmax(-1)
     old, off = [], 0
-    for s, p, r in zip(batch["seqs"], batch["plens"], batch["rlens"]):
+    for s, p, r in zip(batch["seqs"], batch["plens"], batch["rlens"], strict=True):
         rows = torch.arange(off + p - 1, off + p + r - 1)
         old.append(ls[rows].gather(-1, s[p:, None]).squeeze(-1))
         off += len(s)
