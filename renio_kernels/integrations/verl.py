@@ -55,7 +55,7 @@ import torch
 
 try:
     import verl.trainer.distillation.losses as _vl
-    from verl.trainer.ppo.core_algos import kl_penalty
+    from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
     from verl.utils.metric import AggregationType, Metric
     from verl.workers.utils.padding import no_padding_2_padding
 except ImportError as err:  # pragma: no cover - exercised by a test that hides verl
@@ -203,8 +203,28 @@ def _teacher_sampled_topk(data, width: int):
     return torch.where(found, exact, bound), ~found
 
 
-def _renio_weights(opts: ReNIOOptions, r, mask, grad: bool):
-    """Per-sequence weights (float64) and whether they are the global scope's provisional ones."""
+def _sequence_terms(config, data, d, mask) -> torch.Tensor:
+    """Each sequence's share of verl's aggregated loss per unit weight, ``agg_loss`` (linear in
+    the loss matrix) of its own row, over the data-parallel size (verl averages the ranks'
+    gradients): what the step's loss sums, weighted."""
+    info = {
+        "dp_size": data["dp_size"],
+        "batch_num_tokens": data["batch_num_tokens"],
+        "global_batch_size": data["global_batch_size"],
+        "loss_scale_factor": config.loss_scale_factor,
+    }
+    d = d.detach()
+    rows = torch.eye(mask.shape[0], dtype=torch.bool, device=mask.device)
+    terms = [
+        agg_loss(loss_mat=d, loss_mask=mask & row[:, None], loss_agg_mode=config.loss_agg_mode,
+                 **info)
+        for row in rows
+    ]  # fmt: skip
+    return torch.stack(terms).to(torch.float64) / info["dp_size"]
+
+
+def _renio_weights(opts: ReNIOOptions, r, mask, grad: bool, terms):
+    """Per-sequence weights (float64): the global scope's provisional ones when training."""
     f, e, selected = sequence_factors(
         r, mask, threshold=opts.threshold, weight_temperature=opts.weight_temperature,
         weight_norm=opts.weight_norm,
@@ -212,8 +232,7 @@ def _renio_weights(opts: ReNIOOptions, r, mask, grad: bool):
     if not opts.use_renio:
         f = torch.ones_like(f)
     if opts.weight_scope == "global" and grad:
-        zeros = torch.zeros_like(f)
-        w, _ = step_normalizer().weigh(f, e, zeros, mask, opts)
+        w, _ = step_normalizer().weigh(f, e, terms(), mask, opts)
         return w, selected
     warn_single_sequence(opts, mask.shape[0])
     state = _mb_ema.to(f.device)
@@ -260,10 +279,21 @@ def _make_loss(base: str, opts: ReNIOOptions):
             metrics = {"distillation/abs_loss": Metric(AggregationType.MEAN, d[mask].abs().mean())}
             bounded = torch.zeros_like(mask)
         r = log_ratio(ls_x.float(), lt_x.float(), mask, opts.ratio_clip)
-        w, selected = _renio_weights(opts, r, mask, grad)
+
+        def terms():
+            if loss_config.use_policy_gradient:  # the loss is PPO's, not agg_loss(w d)
+                return torch.zeros(mask.shape[0], dtype=torch.float64, device=mask.device)
+            return _sequence_terms(config, data, d, mask)
+
+        w, selected = _renio_weights(opts, r, mask, grad, terms)
         weighted = w.to(d.dtype).unsqueeze(-1) * d
         clamp = loss_config.loss_max_clamp
         metrics.update(_metrics(w, r, selected, mask, bounded, weighted, clamp, opts))
+        if last_step is not None and not loss_config.use_policy_gradient:
+            # the previous optimizer step's, whose scope was global: verl's own distillation/loss
+            # is each micro-batch's provisional value under this scope
+            metrics["renio/last_step_loss"] = last_step.loss.item()
+            metrics["renio/last_step_grad_scale"] = last_step.grad_scale.item()
         return weighted, metrics
 
     renio_distillation_loss.__name__ = f"renio_{base}"

@@ -338,6 +338,8 @@ def test_global_scope_two_micro_batches_equal_one_batch(weight_norm):
     want, want_grad = _ref_grad(batch, "forward_kl_topk", weight_norm=ref_norm)
     err = _check_grad(leaf.grad, want_grad)
     assert err < 1e-6 and abs(result.grad_scale.item() - 1) > 1e-3
+    # the step's loss, as one batch holding both micro-batches gives it
+    assert abs(result.loss.item() - want.item()) <= 1e-6 * abs(want.item())
     mb = batch["logits"].clone().requires_grad_()
     _run("renio_mb_forward_kl_topk", batch, [[0, 2], [1, 3]], leaf=mb)
     assert (mb.grad.double() - want_grad).abs().max() > 100 * err + 1e-5
@@ -390,11 +392,12 @@ def _two_ranks(rank, world):
         seqs = [batch["seqs"][i] for i in idx]
         loss, _ = verl_loss("renio_forward_kl_topk", data, leaf[rows], seqs)
         loss.backward()
-    rv.finish_step(parameters=[leaf])
+    result = rv.finish_step(parameters=[leaf])
     torch.distributed.all_reduce(leaf.grad)
     leaf.grad /= world  # FSDP's average over the data-parallel group
-    _, want_grad = _ref_grad(batch, "forward_kl_topk")
+    want, want_grad = _ref_grad(batch, "forward_kl_topk")
     _check_grad(leaf.grad, want_grad)
+    assert abs(result.loss.item() - want.item()) <= 1e-6 * abs(want.item())
 
 
 def test_global_scope_two_ranks_two_micro_batches():
