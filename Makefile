@@ -4,7 +4,7 @@ PY ?= python3
 TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/deps-stamp
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast test-verl lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -29,6 +29,18 @@ test-fast: install
 # prints accuracy before/after and the run directory (runs/<time>-renio).
 demo: install
 	$(PY) -m renio_kernels.train
+
+# tests/integrations/test_verl.py: verl 0.9.1 beside [test], whose transformers>=5.19 verl's pin
+# (<5.11) excludes, so verl comes without its dependencies, plus what its loss path imports
+# (docs/verl.md; each checked with pip install --dry-run not to change torch or transformers).
+VERL_STAMP := .make/verl-stamp
+$(VERL_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps verl==0.9.1 tensordict==0.10.0 pyvers==0.1.0
+	$(PY) -m pip install -q ray hydra-core codetiming orjson importlib_metadata cloudpickle peft
+	@mkdir -p $(dir $@) && touch $@
+
+test-verl: $(VERL_STAMP)
+	$(PY) -m pytest -q tests/integrations/test_verl.py
 
 BENCH_STAMP := .make/bench-stamp
 $(BENCH_STAMP): $(STAMP)
