@@ -183,7 +183,12 @@ def reference(batch, logits64, base, *, agg="token-mean", weight_norm="batch_mea
         else:
             lt_x = lt_x_true.float().double()
             kl = (lt_x - ls_x).clamp(-20, 20)
-            d = (kl.exp() - kl - 1).clamp(-10, 10) if base == "k3" else 0.5 * (ls_x - lt_x) ** 2
+            if base == "k3":
+                d = (kl.exp() - kl - 1).clamp(-10, 10)
+            elif base == "k2":
+                d = 0.5 * (ls_x - lt_x) ** 2
+            else:  # k1 as verl's vanilla PPO loss uses it, advantage -d at ratio 1
+                d = (ls_x - lt_x).detach() * torch.exp(ls_x - ls_x.detach())
         valid = i not in batch["masked"]
         rr = (ls_x - lt_x).clamp(max=PAPER["ratio_clip"]).detach()
         sel = (rr >= PAPER["threshold"]) & valid
@@ -224,10 +229,11 @@ def _run(mode, batch, groups, *, leaf, agg="token-mean", dp_size=1, **kw):
     """Backward every micro-batch (lists of sequence indices) into ``leaf``; their losses."""
     tokens = sum(r for i, r in enumerate(batch["rlens"]) if i not in batch["masked"]) * dp_size
     losses = []
+    old_log_probs = kw.pop("old_log_probs", None)
     for idx in groups:
         data = micro_batch(
             batch, idx, dp_size=dp_size, num_tokens=tokens, num_seqs=len(batch["seqs"]) * dp_size,
-            old_log_probs=kw.pop("old_log_probs", None),
+            old_log_probs=old_log_probs,
         )  # fmt: skip
         rows = torch.cat(_rows(batch, idx))
         seqs = [batch["seqs"][i] for i in idx]
@@ -269,12 +275,7 @@ def test_topk_distillation_only_uses_old_log_probs():
     """verl's distillation_only runs (top-k, no policy gradient, no task reward) hand the loss
     no student log-probs: the weights come from old_log_probs, here the same parameters'."""
     batch = make_batch(1, **SHAPE)
-    ls = batch["logits"].log_softmax(-1)
-    old, off = [], 0
-    for s, p, r in zip(batch["seqs"], batch["plens"], batch["rlens"], strict=True):
-        rows = torch.arange(off + p - 1, off + p + r - 1)
-        old.append(ls[rows].gather(-1, s[p:, None]).squeeze(-1))
-        off += len(s)
+    old = _sampled_log_probs(batch)
     leaf = batch["logits"].clone().requires_grad_()
     [(loss, _)] = _run(
         "renio_mb_forward_kl_topk", batch, [[0, 1, 2, 3]], leaf=leaf, old_log_probs=old,
@@ -465,3 +466,26 @@ def test_import_without_verl_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "verl", None)
     with pytest.raises(ImportError, match=r"pip install renio-kernels\[verl\]"):
         importlib.import_module("renio_kernels.integrations.verl")
+
+
+def _sampled_log_probs(batch):
+    ls = batch["logits"].log_softmax(-1)
+    old, off = [], 0
+    for s, p, r in zip(batch["seqs"], batch["plens"], batch["rlens"], strict=True):
+        rows = torch.arange(off + p - 1, off + p + r - 1)
+        old.append(ls[rows].gather(-1, s[p:, None]).squeeze(-1))
+        off += len(s)
+    return old
+
+
+def test_policy_gradient_global_scope_two_micro_batches():
+    """use_policy_gradient: -w_b d is verl's PPO advantage; the clipped PPO loss is positively
+    homogeneous in it, so the step's rescale is exact there too (k1, on-policy ratio 1)."""
+    batch = make_batch(11, **SHAPE)
+    old = _sampled_log_probs(batch)
+    leaf = batch["logits"].clone().requires_grad_()
+    _run("renio_k1", batch, [[0, 3], [1, 2]], leaf=leaf, pg=True, old_log_probs=old)
+    result = rv.finish_step(parameters=[leaf])
+    assert abs(result.grad_scale.item() - 1) > 1e-3
+    _, want_grad = _ref_grad(batch, "k1")
+    _check_grad(leaf.grad, want_grad)
