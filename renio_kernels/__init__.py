@@ -8,6 +8,7 @@ Public API::
     fused_linear_renio_loss(hs, Ws, ht, Wt, labels, **options)         # from hidden states
     FusedLinearReNIOLoss(**options)                                    # nn.Module of the above
     ReNIOOptions                                                       # the options, validated
+    SparseTeacher(ids, logprobs, sampled_logprob, mode)                # top-k teacher input
     renio_kernels.reference                                            # float64-capable oracle
     empty_cpu_grad_cache() / set_cpu_grad_cache(bool) / cpu_grad_cache_info()  # backend="cpu"
 
@@ -26,6 +27,7 @@ from .loss import renio_loss, sampled_reverse_kl_loss
 from .modules import FusedLinearReNIOLoss, ReNIOLoss, SampledReverseKLLoss
 from .ops.backends import BACKENDS
 from .ops.divergences import DIVERGENCES
+from .ops.sparse import SparseTeacher
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,7 @@ __all__ = [
     "ReNIOLoss",
     "ReNIOOptions",
     "SampledReverseKLLoss",
+    "SparseTeacher",
     "fused_linear_renio_loss",
     "reference",
     "renio_loss",

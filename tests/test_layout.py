@@ -130,7 +130,8 @@ def test_public_signatures_carry_every_option_with_its_default(fn):
 def test_modules_take_every_option(module):
     values = {"beta": 0.5, "divergence": "jsd", "temperature": 1.5, "token_clip": 0.1,
               "use_renio": False, "ratio_clip": 1.0, "threshold": 0.2,
-              "weight_temperature": 2.0, "weight_norm": "clamp", "ignore_index": -1}  # fmt: skip
+              "weight_temperature": 2.0, "weight_norm": "clamp", "ignore_index": -1,
+              "top_k": 3}  # fmt: skip
     assert set(values) == {f.name for f in option_fields()}
     mod = module(**values)
     assert vars(mod.options) == values

@@ -78,6 +78,10 @@ class ReNIOOptions:
         "--weight_norm_type", WEIGHT_NORMS,
     )  # fmt: skip
     ignore_index: int = _opt(-100, "int", "label value of positions without a loss")
+    top_k: int | None = _opt(
+        None, "top_k", "divergence over the teacher's top_k columns per position, both sides "
+        "renormalized there (None: the full vocabulary; >= Vs: the full loss)", "--top_k_loss",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         validate(self, traced=False)
@@ -157,6 +161,13 @@ def _check_int(name, v, traced):
         raise ValueError(f"{name} must be an int, got {v!r}")
 
 
+def _check_top_k(name, v, traced):
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be None (the full vocabulary) or an int >= 1, got {v!r}")
+
+
 def _check_choice(name, v, traced, choices):
     if v not in choices:
         raise ValueError(f"unknown {name} {v!r}; expected one of {choices}")
@@ -170,6 +181,7 @@ _CHECKS = {
     "real_or_none": _check_real_or_none,
     "bool": _check_bool,
     "int": _check_int,
+    "top_k": _check_top_k,
 }
 
 

@@ -1,0 +1,209 @@
+"""Top-k and sparse teachers: the teacher input type, the top-k selection and the k-column math.
+
+A sparse row sees the teacher at ``k`` columns only (``ids``): the divergence is a sum over those
+columns, so its math costs ``O(k)`` per row and is written once here, in fp32 torch, for every
+backend. What still needs the whole vocabulary (the student's log-normalizer, hence ``ls[x]``; a
+dense teacher's ``lt[x]``) is the vocabulary sweep every backend's row kernels already run with
+``with_divergence=False``.
+
+Two semantics (``docs/SPEC.md``, "Extensions"):
+
+* ``"renormalized"`` (``top_k``, and a sparse teacher by default): both sides' log-probabilities
+  are renormalized over the ``k`` columns, ``ls_k = log_softmax(z[ids] / tau)``, ``lt_k =
+  log_softmax(teacher at ids)``; ``d = sum_k clip(e_v)``. The gradient in the logits is
+  ``(c - ps_k C) / tau`` at the ``k`` columns and 0 elsewhere.
+* ``"truncated"``: the full-vocabulary log-probabilities at the ``k`` columns, not renormalized,
+  ``ls_k = z[ids] / tau - log Z``, ``lt_k`` as sent; ``d = max(0, sum_k clip(e_v))`` (a sum over a
+  subset of a divergence's terms can be negative). Through ``log Z`` the gradient is dense:
+  ``(scatter(c) - ps C) / tau`` with the full-vocabulary ``ps``, 0 on rows where the clamp at 0 is
+  active (as ``torch.clamp``, which passes the gradient at exactly 0).
+
+Top-k ties: the selection keys each column by (value, -column id), so among equal teacher logits
+the lower column id is taken; ``select_top_k`` is the one implementation, used by every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rows import DivergenceParams
+from .torch.chunked import _anchor, _shifted, _terms, row_chunks
+
+__all__ = [
+    "SPARSE_MODES",
+    "SparseTeacher",
+    "SubsetRows",
+    "dense_truncated_grad",
+    "select_top_k",
+    "subset_rows",
+    "subset_grad",
+    "truncated_log_probs",
+]
+
+SPARSE_MODES = ("renormalized", "truncated")
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """The teacher at ``k`` columns per position, e.g. from a teacher server.
+
+    Pass it in place of the teacher logits (``renio_loss(student_logits, teacher, labels)``) or of
+    the teacher's hidden states (``fused_linear_renio_loss(h, W, teacher, None, labels)``).
+
+    Args:
+        ids: ``(B, T, k)`` int64 (or int32) column ids in ``[0, Vs)``, distinct within a row
+            (typically the teacher's top-k at the loss temperature, in any order).
+        logprobs: ``(B, T, k)`` fp32/fp16/bf16: the teacher's log-probabilities at ``ids``,
+            ``log_softmax(teacher_logits / temperature)`` over its vocabulary, at the loss's
+            ``temperature``. ``"renormalized"`` only uses them up to a per-row constant (raw
+            ``logits / temperature`` are fine); ``"truncated"`` needs the normalized values.
+            ``-inf`` (no mass) is allowed; NaN and ``+inf`` are not.
+        sampled_logprob: ``(B, T)`` float: the teacher's full-vocabulary log-probability of the
+            sampled token ``labels[b, t]`` at the loss's temperature (``lt[x]`` of the ReNIO ratio;
+            a token outside ``ids`` has one too, so it is sent separately).
+        mode: ``"renormalized"`` (the ``top_k`` semantics over ``ids``) or ``"truncated"``
+            (full-vocabulary log-probabilities on ``ids``, not renormalized, ``d`` clamped at 0;
+            verl's ``*_topk`` losses). See ``docs/SPEC.md``.
+        check: check the values at the loss's valid positions (ids in range and distinct, no NaN
+            log-probabilities): one boolean read back from the device, a sync on CUDA. False
+            skips it; bad ids then give a NaN loss, duplicate ids count twice.
+
+    Rows at ignored positions (``labels == ignore_index``) are never read as values: padding
+    there may hold anything.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    sampled_logprob: torch.Tensor
+    mode: str = "renormalized"
+    check: bool = True
+
+    kind = "sparse"
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+
+def select_top_k(
+    logits: torch.Tensor, vocab: int, k: int, chunk_elements: int | None = None
+) -> torch.Tensor:
+    """``(B, T, k)`` int64 ids of the ``k`` largest of ``logits[..., :vocab]`` per row, largest
+    first; among equal values the lower column id first (so the selected set never depends on
+    the backend or on ``torch.topk``'s unspecified tie order).
+
+    Each row chunk is keyed once, ``key = ordered_bits(value) * 2**32 + (vocab - 1 - id)`` (int64,
+    distinct per column; ``ordered_bits`` is the float's bit pattern mapped to a signed integer of
+    the same order, with ``-0.0`` read as ``+0.0``), and ``torch.topk`` selects on the keys: one
+    read of the logits, a radix select on GPU. Selecting on the logits rather than ``logits / tau``
+    gives the same set (``tau > 0`` preserves the order) without fp32 rounding merging two values.
+    NaN sorts above everything (its row's loss is NaN anyway).
+    """
+    batch, seq = logits.shape[:2]
+    out = torch.empty((batch, seq, k), dtype=torch.int64, device=logits.device)
+    low = vocab - 1 - torch.arange(vocab, device=logits.device, dtype=torch.int64)
+    for bs, ts in row_chunks(batch, seq, 3 * vocab, chunk_elements):
+        x = logits[bs, ts, :vocab].float() + 0.0  # a fresh tensor; -0.0 becomes +0.0
+        bits = x.view(torch.int32).to(torch.int64)
+        del x
+        # Negative floats order opposite to their bit patterns: flip the 31 magnitude bits.
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = bits.mul_(1 << 32).add_(low)
+        top = torch.topk(key, k, dim=-1, sorted=True).values
+        out[bs, ts] = (vocab - 1) - (top & 0xFFFFFFFF)
+    return out
+
+
+@dataclass
+class SubsetRows:
+    """Per-row results of the k-column math (rows = any leading shape).
+
+    ``d``: the divergence (0 at ignored rows); ``c``: ``de/dls`` at the ``k`` columns where the
+    clip is inactive (0 on truncated rows whose clamp at 0 is active); ``ps``: the student's
+    renormalized probabilities at the ``k`` columns (renormalized mode only, else None);
+    ``c_sum``: ``C = sum_k c``. ``c``, ``ps`` and ``c_sum`` are None without a gradient.
+    """
+
+    d: torch.Tensor
+    c: torch.Tensor | None
+    ps: torch.Tensor | None
+    c_sum: torch.Tensor | None
+
+
+def truncated_log_probs(z_k: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, inv_tau: float):
+    """The student's full-vocabulary log-probabilities at the ``k`` gathered logits ``z_k``:
+    ``(z / tau - anchor) - lse`` with the anchor of the row's ``logits`` and the sweep's ``lse``
+    (``ops.rows.RowStats``), the same digits as the row kernels' ``ls``."""
+    return (z_k.float() * inv_tau - _anchor(logits, inv_tau)) - lse.unsqueeze(-1)
+
+
+def subset_rows(
+    ls_k: torch.Tensor,
+    lt_k: torch.Tensor,
+    valid: torch.Tensor,
+    params: DivergenceParams,
+    *,
+    renormalize: bool,
+    want_grad: bool,
+) -> SubsetRows:
+    """The divergence over the ``k`` columns (and what its gradient needs), fp32.
+
+    ``ls_k`` / ``lt_k``: ``(..., k)`` student and teacher values: raw ``logits / tau`` (or any
+    row offset of them) when ``renormalize``, which takes ``log_softmax`` over the ``k`` columns;
+    else full-vocabulary log-probabilities (truncated mode, ``d`` clamped at 0).
+    """
+    ls_k, lt_k = ls_k.float(), lt_k.float()
+    if renormalize:
+        ls_k = torch.log_softmax(ls_k, dim=-1)
+        lt_k = torch.log_softmax(lt_k, dim=-1)
+    e, de, ps = _terms(ls_k, lt_k, params, want_grad)
+    d = e.sum(-1)
+    del e
+    zero = torch.zeros((), device=d.device)
+    if not renormalize:
+        active = d >= 0  # NaN: inactive, and d stays NaN below
+        d = torch.where(d < 0, zero, d)
+        if want_grad:
+            de = torch.where(active.unsqueeze(-1), de, zero)
+    d = torch.where(valid, d, zero)
+    if not want_grad:
+        return SubsetRows(d, None, None, None)
+    de = torch.where(valid.unsqueeze(-1), de, zero)
+    ps = torch.where(valid.unsqueeze(-1), ps, zero) if renormalize else None
+    return SubsetRows(d, de, ps, de.sum(-1))
+
+
+def subset_grad(rows: SubsetRows, scale: torch.Tensor) -> torch.Tensor:
+    """The logits gradient at the ``k`` columns, ``(c - ps C) * scale`` (renormalized) or
+    ``c * scale`` (truncated: the dense ``-ps C`` part is added by the caller), fp32;
+    ``scale = dL/dd / tau`` per row, 0 at ignored rows."""
+    g = rows.c
+    if rows.ps is not None:
+        g = g - rows.ps * rows.c_sum.unsqueeze(-1)
+    return g * scale.unsqueeze(-1)
+
+
+def dense_truncated_grad(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    g_k: torch.Tensor,
+    c_sum_scaled: torch.Tensor,
+    lse: torch.Tensor,
+    valid: torch.Tensor,
+    inv_tau: float,
+    out: torch.Tensor,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """Truncated mode's logits gradient ``scatter(g_k) - ps * C * scale`` into ``out`` (the
+    student's shape and dtype), one row chunk of fp32 temporaries at a time."""
+    batch, seq, vocab = student.shape
+    zero = torch.zeros((), device=student.device)
+    for bs, ts in row_chunks(batch, seq, vocab, chunk_elements):
+        ps = _shifted(student[bs, ts], inv_tau, lse[bs, ts]).exp_()
+        g = ps.mul_(-c_sum_scaled[bs, ts].unsqueeze(-1))
+        g.scatter_add_(-1, ids[bs, ts], g_k[bs, ts])
+        g = torch.where(valid[bs, ts].unsqueeze(-1), g, zero)
+        out[bs, ts] = g.to(out.dtype)
+    return out
