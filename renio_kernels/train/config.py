@@ -110,7 +110,7 @@ class _RunSettings:
     # sampling
     sample_temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = field(default=0, metadata={"help": "0: off"})
+    sample_top_k: int = field(default=0, metadata={"help": "0: off"})
     max_new_tokens: int = 64
     # optimization
     steps: int = 1000
@@ -165,7 +165,7 @@ class _RunSettings:
             "warmup_steps",
             "lora_r",
             "keep_checkpoints",
-            "top_k",
+            "sample_top_k",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(

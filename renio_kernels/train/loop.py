@@ -462,7 +462,7 @@ def _train_step(
             do_sample=True,
             temperature=cfg.sample_temperature,
             top_p=cfg.top_p,
-            top_k=cfg.top_k,
+            top_k=cfg.sample_top_k,
         )
         gen_time += time.perf_counter() - t0
         gen_tokens += int(rollout.completion_mask.sum())

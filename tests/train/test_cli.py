@@ -110,7 +110,7 @@ def test_config_value_of_the_wrong_type(tiny_models, tmp_path, text, match):
     ("flags", "exc", "match"),
     [
         ({"backend": "bogus"}, SystemExit, None),  # argparse: invalid choice
-        ({"top-k": -5}, ValueError, r"--top-k must be >= 0, got -5"),
+        ({"sample-top-k": -5}, ValueError, r"--sample-top-k must be >= 0, got -5"),
         ({"lr": 0}, ValueError, r"--lr must be finite and > 0"),
         ({"backend": "triton", "device": "cpu"}, ValueError, r"--backend triton: .*CPU tensors"),
         (
@@ -119,7 +119,7 @@ def test_config_value_of_the_wrong_type(tiny_models, tmp_path, text, match):
             r"--ignore-index 5 is a token id of the student's vocabulary \(0\.\.98\)",
         ),
     ],
-    ids=["backend-bogus", "top-k", "lr", "triton-on-cpu", "ignore-index"],
+    ids=["backend-bogus", "sample-top-k", "lr", "triton-on-cpu", "ignore-index"],
 )
 def test_checks_before_the_run_directory(tiny_models, tmp_path, monkeypatch, flags, exc, match):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # a plain CPU machine (tests set it to 1)
