@@ -168,10 +168,11 @@ class SparseRowsFunction(torch.autograd.Function):
         zero = torch.zeros((), device=student.device)
         scale = torch.where(valid, grad_d.float() * params.inv_tau, zero)
         g_k = subset_grad(ctx.rows, scale)
-        grad = torch.zeros_like(student, memory_format=torch.contiguous_format)
         if ctx.renormalize:
+            grad = torch.zeros_like(student, memory_format=torch.contiguous_format)
             grad.scatter_add_(-1, ids, g_k.to(grad.dtype))
         else:
+            grad = torch.empty_like(student, memory_format=torch.contiguous_format)
             c_scaled = ctx.rows.c_sum * scale
             dense_truncated_grad(
                 student, ids, g_k, c_scaled, lse_s, valid, params.inv_tau, out=grad

@@ -44,6 +44,11 @@ __all__ = [
 
 SPARSE_MODES = ("renormalized", "truncated")
 
+# Elements per row chunk of the top-k selection (about 20 bytes of temporaries each). On a GPU a
+# chunk is a handful of kernel launches, so chunks are larger there than the torch backend's
+# (``config.TORCH_CHUNK_ELEMENTS``, sized for CPU caches): 16M elements, about 320 MiB.
+_SELECT_CHUNK_ELEMENTS_CUDA = 1 << 24
+
 
 @dataclass(frozen=True)
 class SparseTeacher:
@@ -99,12 +104,14 @@ def select_top_k(
     the same order, with ``-0.0`` read as ``+0.0``), and ``torch.topk`` selects on the keys: one
     read of the logits, a radix select on GPU. Selecting on the logits rather than ``logits / tau``
     gives the same set (``tau > 0`` preserves the order) without fp32 rounding merging two values.
-    NaN sorts above everything (its row's loss is NaN anyway).
+    A NaN sorts by its sign bit (its row's ``lt[x]``, hence its loss, is NaN anyway).
     """
     batch, seq = logits.shape[:2]
     out = torch.empty((batch, seq, k), dtype=torch.int64, device=logits.device)
     low = vocab - 1 - torch.arange(vocab, device=logits.device, dtype=torch.int64)
-    for bs, ts in row_chunks(batch, seq, 3 * vocab, chunk_elements):
+    if chunk_elements is None and logits.device.type == "cuda":
+        chunk_elements = _SELECT_CHUNK_ELEMENTS_CUDA
+    for bs, ts in row_chunks(batch, seq, vocab, chunk_elements):
         x = logits[bs, ts, :vocab].float() + 0.0  # a fresh tensor; -0.0 becomes +0.0
         bits = x.view(torch.int32).to(torch.int64)
         del x
