@@ -263,3 +263,64 @@ def test_misuse():
         meta = SparseTeacher(teacher.ids.to("meta"), teacher.logprobs, teacher.sampled_logprob)
         with pytest.raises(ValueError, match="SparseTeacher.ids is on meta but labels is on cpu"):
             rk.renio_loss(s, meta, labels)
+
+
+# --- hardening -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_views_offsets_and_untouched_inputs(mode):
+    """Strided views are read in place; a constant on the logits changes nothing (exactly
+    representable shifts of the fp32 inputs); the caller's tensors are left as they were."""
+    s, t, labels = make_inputs(seq=6, device=DEVICE)
+    s = (s * 1024).round() / 1024  # so that s + 1024 is exact in fp32
+    teacher = sparse_from_logits(t, labels, 4, mode)
+    kw = dict(KW, beta=0.5)
+    base = run("torch", s, teacher, labels, **kw)
+    view = SparseTeacher(teacher.ids[:, :-1], teacher.logprobs[:, :-1],
+                         teacher.sampled_logprob[:, :-1], mode)  # fmt: skip
+    got = run("auto", s[:, :-1], view, labels[:, :-1], **kw)
+    want = ref(s[:, :-1], view, labels[:, :-1], **kw)
+    assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[2], want[2]) <= 1e-5
+    shifted = run("auto", s + 1024.0, teacher, labels, **kw)
+    torch.testing.assert_close(shifted[0], base[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shifted[2], base[2], rtol=1e-4, atol=1e-6)
+    copies = [x.clone() for x in (s, teacher.ids, teacher.logprobs, teacher.sampled_logprob)]
+    run("auto", s, teacher, labels, **kw)
+    for x, c in zip((s, teacher.ids, teacher.logprobs, teacher.sampled_logprob), copies,
+                    strict=True):  # fmt: skip
+        assert torch.equal(x, c)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_inf_and_single_position(mode):
+    s, t, labels = make_inputs(device=DEVICE)
+    teacher = sparse_from_logits(t, labels, 4, mode)
+    nan = s.clone()
+    nan[1, 2, 5] = float("nan")  # a column outside the ids: the log-normalizer is NaN
+    assert torch.isnan(rk.renio_loss(nan, teacher, labels))
+    assert torch.isnan(reference.renio_loss(nan.double(), as64(teacher), labels))
+    # A teacher id with no mass (-inf log-prob) contributes nothing, as with dense logits.
+    lp = teacher.logprobs.clone()
+    lp[..., -1] = float("-inf")
+    no_mass = SparseTeacher(teacher.ids, lp, teacher.sampled_logprob, mode)
+    got = run("auto", s, no_mass, labels, **KW)
+    want = ref(s, no_mass, labels, **KW)
+    assert torch.isfinite(got[0]) and rel_err(got[0], want[0]) <= 1e-5
+    assert rel_err(got[2], want[2]) <= 1e-5
+    one = SparseTeacher(*(x[:1, 1:2] for x in (teacher.ids, teacher.logprobs,
+                                               teacher.sampled_logprob)), mode)  # fmt: skip
+    got = run("auto", s[:1, 1:2], one, labels[:1, 1:2], weight_norm="none")
+    want = ref(s[:1, 1:2], one, labels[:1, 1:2], weight_norm="none")
+    assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[2], want[2]) <= 1e-5
+
+
+def test_no_grad_and_double_backward():
+    s, t, labels = make_inputs(device=DEVICE)
+    teacher = sparse_from_logits(t, labels, 4)
+    with torch.no_grad():
+        assert torch.isfinite(rk.renio_loss(s.requires_grad_(), teacher, labels))
+    x = s.detach().clone().requires_grad_()
+    loss = rk.renio_loss(x, teacher, labels)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(loss, x, create_graph=True)

@@ -193,3 +193,25 @@ def test_compiled_equals_eager():
     torch._dynamo.reset()
     for got, want in zip(grads(torch.compile(fn, backend="aot_eager")), grads(fn), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_inf_teacher_logits_and_views():
+    """``-inf`` teacher logits (no mass) among the top-k contribute nothing; strided views are
+    read in place."""
+    s, t, labels = make_inputs(device=DEVICE, seq=6, teacher_vocab=41)
+    t[..., 3:] = float("-inf")  # 3 finite columns, k = 5
+    check("auto", inputs=(s, t, labels), top_k=5, beta=0.5)
+    s, t, labels = make_inputs(device=DEVICE, seq=6, teacher_vocab=41)
+    check("auto", inputs=(s[:, :-1], t[:, :-1], labels[:, :-1]), top_k=5)
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_nan_outside_the_top_k_is_not_hidden(side):
+    s, t, labels = make_inputs(device=DEVICE, teacher_vocab=41)
+    x = s if side == "student" else t
+    x[1, 2] = -50.0  # far below the row's top-k
+    x[1, 2, 0] = float("nan")
+    # A NaN teacher logit sorts by its sign bit (here first, so it is selected); a NaN
+    # student logit outside the ids reaches the loss through the log-normalizer.
+    assert torch.isnan(rk.renio_loss(s, t, labels, top_k=4))
+    assert torch.isnan(reference.renio_loss(s.double(), t.double(), labels, top_k=4))

@@ -89,6 +89,16 @@ def _ratio(ls_x, lt_x, mask, ratio_clip):
     return torch.where(mask, r, torch.zeros((), dtype=r.dtype))
 
 
+def _nan_rows(d: torch.Tensor, mask: torch.Tensor, *log_probs: torch.Tensor) -> torch.Tensor:
+    """A NaN in a valid row's full-vocabulary distribution makes its ``d`` NaN, also when the NaN
+    is outside the columns the divergence sums over (it is never hidden)."""
+    bad = mask.clone()
+    nan = torch.zeros_like(mask)
+    for x in log_probs:
+        nan = nan | torch.isnan(x).any(-1)
+    return torch.where(bad & nan, float("nan"), d)
+
+
 def _sampled(x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     idx = torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)
     return x.gather(-1, idx).squeeze(-1)
@@ -131,6 +141,8 @@ def per_token(
         e = divergence_terms(ls_k, lt_k, beta, divergence)
     e = _clip(e, token_clip)
     d = torch.where(mask, e.sum(-1), torch.zeros((), dtype=e.dtype))
+    if top_k is not None and top_k < vocab:
+        d = _nan_rows(d, mask, ls, lt)
     r = _ratio(_sampled(ls, labels, mask), _sampled(lt, labels, mask), mask, ratio_clip)
     return d, r, mask
 
@@ -161,7 +173,7 @@ def sparse_per_token(
     else:
         e = divergence_terms(ls.gather(-1, ids), lp, beta, divergence)
         d = torch.clamp(_clip(e, token_clip).sum(-1), min=0.0)
-    d = torch.where(mask, d, torch.zeros((), dtype=d.dtype))
+    d = _nan_rows(torch.where(mask, d, torch.zeros((), dtype=d.dtype)), mask, ls)
     lt_x = torch.where(mask, teacher.sampled_logprob.to(ls.dtype), 0.0)
     r = _ratio(_sampled(ls, labels, mask), lt_x, mask, ratio_clip)
     return d, r, mask

@@ -22,6 +22,7 @@ from ..ops.sparse import (
     SPARSE_MODES,
     SparseTeacher,
     dense_truncated_grad,
+    nan_rows,
     select_top_k,
     subset_grad,
     subset_rows,
@@ -149,6 +150,7 @@ class SparseRowsFunction(torch.autograd.Function):
             ls_src, lt_src, valid, params, renormalize=renormalize, want_grad=need_grad
         )
         d = rows.d if bad is None else torch.where(bad, float("nan"), rows.d)
+        d = nan_rows(d, valid, stats.lse_s, *(() if sparse else (stats.lse_t,)))
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(stats.ls_x, lt_x)
         ctx.params, ctx.rows, ctx.renormalize = params, rows, renormalize

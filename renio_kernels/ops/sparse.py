@@ -36,6 +36,7 @@ __all__ = [
     "SparseTeacher",
     "SubsetRows",
     "dense_truncated_grad",
+    "nan_rows",
     "select_top_k",
     "subset_rows",
     "subset_grad",
@@ -180,6 +181,15 @@ def subset_rows(
     de = torch.where(valid.unsqueeze(-1), de, zero)
     ps = torch.where(valid.unsqueeze(-1), ps, zero) if renormalize else None
     return SubsetRows(d, de, ps, de.sum(-1))
+
+
+def nan_rows(d: torch.Tensor, valid: torch.Tensor, *lse: torch.Tensor) -> torch.Tensor:
+    """``d``, NaN at valid rows whose full-vocabulary log-normalizer is NaN: a NaN logit outside
+    the ``k`` columns must not vanish from the loss (the dense loss would be NaN there)."""
+    bad = torch.zeros_like(valid)
+    for x in lse:
+        bad = bad | torch.isnan(x)
+    return torch.where(bad & valid, float("nan"), d)
 
 
 def subset_grad(rows: SubsetRows, scale: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from .sparse import (
     SparseTeacher,
     SubsetRows,
     dense_truncated_grad,
+    nan_rows,
     select_top_k,
     subset_grad,
     subset_rows,
@@ -130,7 +131,8 @@ def sparse_forward_sweep(
         part = subset_rows(
             ls_src, lt_src, valid[r0:r1], params, renormalize=renormalize, want_grad=want_grad
         )
-        d[r0:r1] = part.d
+        lse = (stats.lse_s,) if sparse else (stats.lse_s, stats.lse_t)
+        d[r0:r1] = nan_rows(part.d, valid[r0:r1], *(x.view(-1) for x in lse))
         parts.append(part)
 
     def cat(name: str):
