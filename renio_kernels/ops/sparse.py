@@ -94,34 +94,60 @@ class SparseTeacher:
 
 
 def select_top_k(
-    logits: torch.Tensor, vocab: int, k: int, chunk_elements: int | None = None
+    logits: torch.Tensor,
+    vocab: int,
+    k: int,
+    chunk_elements: int | None = None,
+    exact_keys: bool | None = None,
 ) -> torch.Tensor:
     """``(B, T, k)`` int64 ids of the ``k`` largest of ``logits[..., :vocab]`` per row, largest
-    first; among equal values the lower column id first (so the selected set never depends on
-    the backend or on ``torch.topk``'s unspecified tie order).
+    first; among equal values the lower column id first (so the selection and its order never
+    depend on the backend or on ``torch.topk``'s unspecified tie order). Selecting on the
+    logits rather than ``logits / tau`` gives the same set (``tau > 0`` preserves the order)
+    without fp32 rounding merging two values. ``-0.0`` and ``+0.0`` are equal. A row with a NaN
+    among its selection is keyed by the NaN's sign bit (its loss is NaN anyway).
 
-    Each row chunk is keyed once, ``key = ordered_bits(value) * 2**32 + (vocab - 1 - id)`` (int64,
-    distinct per column; ``ordered_bits`` is the float's bit pattern mapped to a signed integer of
-    the same order, with ``-0.0`` read as ``+0.0``), and ``torch.topk`` selects on the keys: one
-    read of the logits, a radix select on GPU. Selecting on the logits rather than ``logits / tau``
-    gives the same set (``tau > 0`` preserves the order) without fp32 rounding merging two values.
-    A NaN sorts by its sign bit (its row's ``lt[x]``, hence its loss, is NaN anyway).
+    Two implementations of that one rule, row chunk by row chunk (``exact_keys``; default: True
+    on GPU): keyed, ``torch.topk`` on an int64 key ``ordered_bits(value) * 2**32 + (vocab - 1 -
+    id)``, distinct per column, with no host sync (a radix select, one read of the logits); or,
+    on CPU where a host read is free, ``torch.topk`` on the values (4x faster there), the k
+    selected put in (value, id) order, and the rows where a value tied with the k-th one was
+    left out (or a NaN came in) redone keyed.
     """
     batch, seq = logits.shape[:2]
     out = torch.empty((batch, seq, k), dtype=torch.int64, device=logits.device)
-    low = vocab - 1 - torch.arange(vocab, device=logits.device, dtype=torch.int64)
+    if exact_keys is None:
+        exact_keys = logits.device.type != "cpu"
     if chunk_elements is None and logits.device.type == "cuda":
         chunk_elements = _SELECT_CHUNK_ELEMENTS_CUDA
     for bs, ts in row_chunks(batch, seq, vocab, chunk_elements):
-        x = logits[bs, ts, :vocab].float() + 0.0  # a fresh tensor; -0.0 becomes +0.0
-        bits = x.view(torch.int32).to(torch.int64)
-        del x
-        # Negative floats order opposite to their bit patterns: flip the 31 magnitude bits.
-        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        key = bits.mul_(1 << 32).add_(low)
-        top = torch.topk(key, k, dim=-1, sorted=True).values
-        out[bs, ts] = (vocab - 1) - (top & 0xFFFFFFFF)
+        x = logits[bs, ts, :vocab]
+        out[bs, ts] = _keyed_top_k(x, k) if exact_keys else _repaired_top_k(x, k)
     return out
+
+
+def _keyed_top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    vocab = x.shape[-1]
+    low = vocab - 1 - torch.arange(vocab, device=x.device, dtype=torch.int64)
+    bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes +0.0
+    # Negative floats order opposite to their bit patterns: flip the 31 magnitude bits.
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = bits.mul_(1 << 32).add_(low)
+    top = torch.topk(key, k, dim=-1, sorted=True).values
+    return (vocab - 1) - (top & 0xFFFFFFFF)
+
+
+def _repaired_top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    vals, ids = torch.topk(x, k, dim=-1, sorted=False)
+    kth = vals.min(-1, keepdim=True).values
+    redo = ((x == kth).sum(-1) != (vals == kth).sum(-1)) | torch.isnan(vals).any(-1)
+    # (value desc, id asc): ids ascending, then a stable sort on the values.
+    ids = ids.sort(-1).values
+    order = torch.sort(x.gather(-1, ids), dim=-1, descending=True, stable=True).indices
+    ids = ids.gather(-1, order)
+    if bool(redo.any()):
+        ids[redo] = _keyed_top_k(x[redo], k)
+    return ids
 
 
 @dataclass
