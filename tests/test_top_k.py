@@ -221,3 +221,12 @@ def test_nan_outside_the_top_k_is_not_hidden(side):
     # student logit outside the ids reaches the loss through the log-normalizer.
     assert torch.isnan(rk.renio_loss(s, t, labels, top_k=4))
     assert torch.isnan(reference.renio_loss(s.double(), t.double(), labels, top_k=4))
+
+
+def test_training_script_flags():
+    """``--top-k`` is the loss's (from the options record); sampling has ``--sample-top-k``."""
+    from renio_kernels.train import config
+
+    cfg = config.parse_config(["--top-k", "5", "--sample-top-k", "3"])
+    assert config.loss_options(cfg).top_k == 5 and cfg.sample_top_k == 3
+    assert config.loss_options(config.parse_config(["--top-k", "none"])).top_k is None
