@@ -14,12 +14,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch  # noqa: E402
+import torch
 
-from renio_kernels import config, reference, renio_loss  # noqa: E402
-from tests.helpers import make_inputs  # noqa: E402
-from tests.test_sparse_linear import inputs, ref, run, teacher_logits  # noqa: E402
-from tests.test_sparse_teacher import as64, sparse_from_logits  # noqa: E402
+from renio_kernels import config, reference, renio_loss
+from tests.helpers import make_inputs
+from tests.test_sparse_linear import inputs, ref, run, teacher_logits
+from tests.test_sparse_teacher import as64, sparse_from_logits
 
 OPTIONS = (
     dict(beta=0.0),
