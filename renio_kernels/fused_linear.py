@@ -144,15 +144,21 @@ def fused_linear_renio_loss(
     check_ema_state(opts, ema_state, "FusedLinearReNIOLoss")
     check_chunk_size(chunk_size)
     check_backend(backend)
-    vocab = student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0
-    if uses_sparse_path(teacher_hidden, opts.top_k, vocab):
-        d, ls_x, lt_x = _sparse_rows(
-            (student_hidden, student_weight, student_bias),
-            (teacher_hidden, teacher_weight, teacher_bias),
-            labels, opts, backend, check_labels, chunk_size,
-        )  # fmt: skip
-        mask = labels != opts.ignore_index
-        return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats)
+    sparse = isinstance(teacher_hidden, SparseTeacher)
+    if sparse or opts.top_k is not None:
+        if not sparse:  # the dense checks; top_k >= Vs is the full loss below
+            check_fused_linear_inputs(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                b_s=student_bias, b_t=teacher_bias,
+            )  # fmt: skip
+        if sparse or uses_sparse_path(teacher_hidden, opts.top_k, student_weight.shape[0]):
+            d, ls_x, lt_x = _sparse_rows(
+                (student_hidden, student_weight, student_bias),
+                (teacher_hidden, teacher_weight, teacher_bias),
+                labels, opts, backend, check_labels, chunk_size,
+            )  # fmt: skip
+            mask = labels != opts.ignore_index
+            return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats)
     check_fused_linear_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         b_s=student_bias, b_t=teacher_bias,
@@ -197,8 +203,7 @@ def _sparse_rows(student, teacher, labels, opts, backend, check_labels, chunk_si
             teacher[0], h_s.shape[:2], w_s.shape[0], labels, opts.ignore_index, opts.top_k
         )
         teacher = teacher[0]
-    else:
-        check_fused_linear_inputs(h_s, w_s, teacher[0], teacher[1], labels, b_s=b_s, b_t=teacher[2])
+    else:  # a dense teacher with top_k < Vs: its checks have run
         teacher = tuple(None if x is None else x.detach() for x in teacher)
     if check_labels:
         check_labels_in_range(labels, w_s.shape[0], opts.ignore_index)

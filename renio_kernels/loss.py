@@ -103,13 +103,17 @@ def renio_loss(
     """
     opts = call_options(**options)
     check_ema_state(opts, ema_state, "ReNIOLoss")
-    vocab = student_logits.shape[-1] if isinstance(student_logits, torch.Tensor) else 0
-    if uses_sparse_path(teacher_logits, opts.top_k, vocab):
-        d, ls_x, lt_x = _sparse_rows(
-            student_logits, teacher_logits, labels, opts, backend, check_labels
-        )
-        mask = labels != opts.ignore_index
-        return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats)
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    if sparse or opts.top_k is not None:
+        # The dense checks (a sparse teacher's are in _sparse_rows), then top_k >= Vs is the
+        # full loss below.
+        check_logits_inputs(student_logits, student_logits if sparse else teacher_logits, labels)
+        if uses_sparse_path(teacher_logits, opts.top_k, student_logits.shape[-1]):
+            d, ls_x, lt_x = _sparse_rows(
+                student_logits, teacher_logits, labels, opts, backend, check_labels
+            )
+            mask = labels != opts.ignore_index
+            return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats)
     d, ls_x, lt_x = row_stats(
         student_logits,
         teacher_logits,
@@ -125,10 +129,9 @@ def renio_loss(
 
 @torch.compiler.disable  # eager: value checks read back; see core.sparse
 def _sparse_rows(student_logits, teacher, labels, opts, backend: str, check_labels: bool):
-    """Validate, then ``(d, ls[x], lt[x])`` of a sparse teacher or ``top_k < Vs``."""
+    """Validate (the dense checks have run), then ``(d, ls[x], lt[x])`` of a sparse teacher or
+    ``top_k < Vs``."""
     sparse = isinstance(teacher, SparseTeacher)
-    # The dense checks, with the student standing in for a sparse teacher's logits.
-    check_logits_inputs(student_logits, student_logits if sparse else teacher, labels)
     check_backend(backend)
     vocab = student_logits.shape[-1]
     if sparse:

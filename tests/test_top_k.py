@@ -230,3 +230,16 @@ def test_training_script_flags():
     cfg = config.parse_config(["--top-k", "5", "--sample-top-k", "3"])
     assert config.loss_options(cfg).top_k == 5 and cfg.sample_top_k == 3
     assert config.loss_options(config.parse_config(["--top-k", "none"])).top_k is None
+
+
+def test_top_k_at_least_vocab_compiles_without_graph_breaks():
+    """``top_k >= Vs`` is decided at trace time: the dense custom ops, ``fullgraph=True``."""
+    s, t, labels = make_inputs(device=DEVICE)
+
+    def fn(x):
+        return rk.renio_loss(x, t, labels, top_k=37, backend="torch")
+
+    torch._dynamo.reset()
+    x = s.clone().requires_grad_()
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, fn(s), rtol=1e-6, atol=1e-7)
