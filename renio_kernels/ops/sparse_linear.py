@@ -61,10 +61,6 @@ def teacher_ids(teacher: SparseTeacher, valid: torch.Tensor, vocab: int):
     return ids.clamp(0, vocab - 1), out_of_range
 
 
-def _nan_where(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-    return torch.where(bad, torch.full((), float("nan"), device=x.device), x)
-
-
 def sparse_forward_sweep(
     student: LinearSide,
     teacher: LinearSide | SparseTeacher,
@@ -141,7 +137,7 @@ def sparse_forward_sweep(
 
     rows = SubsetRows(d, cat("c"), cat("ps"), cat("c_sum"))
     if sparse:
-        out[0] = _nan_where(d, bad)
+        out[0] = torch.where(bad, float("nan"), d)
     return SparseSaved(out[0], ls_x, lt_x, ids, lse_s, rows, renormalize, valid)
 
 
