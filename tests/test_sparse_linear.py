@@ -173,3 +173,20 @@ def test_bad_calls():
         rk.fused_linear_renio_loss(h_s, w_s, wide, None, labels)
     with pytest.raises(ValueError, match="student_weight must be \\(V, H\\)"):
         rk.fused_linear_renio_loss(h_s, w_s.T, teacher, None, labels)
+
+
+@pytest.mark.parametrize("mode", ["renormalized", "truncated"])
+def test_autocast_changes_nothing(mode):
+    """The chunk matmuls run with autocast off (fp32 logits), forward and backward."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = inputs()
+    teacher = sparse_from_logits(teacher_logits(h_t, w_t, b_t), labels, 5, mode, vocab=37)
+    plain = run("torch", h_s, w_s, b_s, teacher, None, None, labels, **KW)
+    with torch.autocast(device_type=h_s.device.type, dtype=torch.bfloat16):
+        cast = run("torch", h_s, w_s, b_s, teacher, None, None, labels, **KW)
+    torch.testing.assert_close(cast[0], plain[0])
+    for a, b in zip(cast[1], plain[1], strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.autocast(device_type=h_s.device.type, dtype=torch.bfloat16):
+        top = run("torch", h_s, w_s, b_s, h_t, w_t, b_t, labels, top_k=4, **KW)
+    torch.testing.assert_close(top[0], run("torch", h_s, w_s, b_s, h_t, w_t, b_t, labels,
+                                           top_k=4, **KW)[0])  # fmt: skip
