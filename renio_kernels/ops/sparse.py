@@ -197,7 +197,8 @@ def subset_rows(
     del e
     zero = torch.zeros((), device=d.device)
     if not renormalize:
-        active = d >= 0  # NaN: inactive, and d stays NaN below
+        # As torch.clamp(min=0): the gradient passes where the sum is >= 0 (NaN: d stays NaN).
+        active = d >= 0
         d = torch.where(d < 0, zero, d)
         if want_grad:
             de = torch.where(active.unsqueeze(-1), de, zero)
