@@ -194,6 +194,33 @@ def _renio_fl(p: Problem, device: str) -> Case:
     return Case(run, [hs, ws], "fused_linear_renio_loss (backend auto)", [hs, ws, ht, wt])
 
 
+# k of the top-k / sparse-teacher rows (a teacher server's typical top-k).
+TOP_K = 64
+
+
+def _renio_fl_top_k(p: Problem, device: str) -> Case:
+    from renio_kernels import fused_linear_renio_loss
+
+    hs, ws, ht, wt, y = make_fl_inputs(p, device)
+    run = lambda: fused_linear_renio_loss(hs, ws, ht, wt, y, beta=p.beta, top_k=TOP_K)
+    return Case(run, [hs, ws], f"fused_linear_renio_loss, top_k={TOP_K}", [hs, ws, ht, wt])
+
+
+def _renio_fl_sparse(p: Problem, device: str) -> Case:
+    from renio_kernels import SparseTeacher, fused_linear_renio_loss
+
+    hs, ws, ht, wt, y = make_fl_inputs(p, device)
+    with torch.no_grad():  # the teacher server's work, outside the timed call
+        lt = torch.log_softmax((ht @ wt.T).float(), dim=-1)
+        top = lt.topk(TOP_K, dim=-1)
+        sampled = lt.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        del lt
+    teacher = SparseTeacher(top.indices, top.values, sampled)
+    run = lambda: fused_linear_renio_loss(hs, ws, teacher, None, y, beta=p.beta)
+    note = f"fused_linear_renio_loss, SparseTeacher k={TOP_K} (renormalized)"
+    return Case(run, [hs, ws], note, [hs, ws])
+
+
 def _liger_fl_chunked(p: Problem, device: str) -> Case:
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -230,6 +257,8 @@ PROVIDERS: dict[str, tuple[str, Callable[[Problem, str], Case]]] = {
     "liger-jsd": ("logits", _liger_jsd),
     "reference-fl": ("fused-linear", _reference_fl),
     "renio-fused-linear": ("fused-linear", _renio_fl),
+    "renio-fl-top-k": ("fused-linear", _renio_fl_top_k),
+    "renio-fl-sparse": ("fused-linear", _renio_fl_sparse),
     "liger-fl-chunked": ("fused-linear", _liger_fl_chunked),
     "liger-fl-triton": ("fused-linear", _liger_fl_triton),
 }

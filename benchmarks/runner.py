@@ -46,6 +46,7 @@ DEFAULT_FACTOR = 3.0
 GPU_ORDER = [
     "renio-triton", "liger-jsd", "reference", "renio-torch", "renio-cpu", "reference-compiled",
     "renio-fused-linear", "liger-fl-triton", "liger-fl-chunked", "reference-fl",
+    "renio-fl-top-k", "renio-fl-sparse",
 ]  # fmt: skip
 
 

@@ -9,6 +9,7 @@ Public API::
     FusedLinearReNIOLoss(**options)                                    # nn.Module of the above
     ReNIOOptions                                                       # the options, validated
     StepNormalizer(group)                                # weight_scope="global": one whole step
+    SparseTeacher(ids, logprobs, sampled_logprob, mode)                # top-k teacher input
     renio_kernels.reference                                            # float64-capable oracle
     empty_cpu_grad_cache() / set_cpu_grad_cache(bool) / cpu_grad_cache_info()  # backend="cpu"
 
@@ -28,6 +29,7 @@ from .loss import renio_loss, sampled_reverse_kl_loss
 from .modules import FusedLinearReNIOLoss, ReNIOLoss, SampledReverseKLLoss
 from .ops.backends import BACKENDS
 from .ops.divergences import DIVERGENCES
+from .ops.sparse import SparseTeacher
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,7 @@ __all__ = [
     "ReNIOLoss",
     "ReNIOOptions",
     "SampledReverseKLLoss",
+    "SparseTeacher",
     "fused_linear_renio_loss",
     "reference",
     "renio_loss",

@@ -75,6 +75,7 @@ from .core.autograd import FusedLinearFunction, linear_weights
 from .core.custom_ops import check_labels_async, fused_linear_op
 from .core.options import call_options, kernel_params, with_options
 from .core.reduction import reduce_renio
+from .core.sparse import check_sparse_teacher, sparse_linear_rows, uses_sparse_path
 from .core.step import StepNormalizer
 from .core.validation import (
     check_backend,
@@ -85,6 +86,7 @@ from .core.validation import (
     check_normalizer,
 )
 from .ops.linear import SweepPlan
+from .ops.sparse import SparseTeacher
 
 __all__ = ["fused_linear_renio_loss"]
 
@@ -124,8 +126,10 @@ def fused_linear_renio_loss(
             Any strided view is accepted (one ``(B, T, Hs)`` copy if it is not row-flattenable).
         student_weight: ``(Vs, Hs)``, e.g. ``lm_head.weight``.
         teacher_hidden: ``(B, T, Ht)``; ``Ht`` may differ from ``Hs``. Never gets a gradient.
+            Or a ``SparseTeacher`` (then ``teacher_weight`` and ``teacher_bias`` are None): the
+            teacher's top-k ids and log-probs, e.g. from a teacher server (``docs/usage.md``).
         teacher_weight: ``(Vt, Ht)`` with ``Vt >= Vs``; rows ``>= Vs`` are ignored (and never
-            multiplied). Never gets a gradient.
+            multiplied). Never gets a gradient. None with a ``SparseTeacher``.
         labels: ``(B, T)`` int64 sampled tokens; ``ignore_index`` marks positions to skip.
         student_bias, teacher_bias: optional ``(Vs,)`` / ``(Vt,)`` lm_head biases.
         {options}
@@ -146,6 +150,21 @@ def fused_linear_renio_loss(
     check_normalizer(opts, normalizer)
     check_chunk_size(chunk_size)
     check_backend(backend)
+    sparse = isinstance(teacher_hidden, SparseTeacher)
+    if sparse or opts.top_k is not None:
+        if not sparse:  # the dense checks; top_k >= Vs is the full loss below
+            check_fused_linear_inputs(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                b_s=student_bias, b_t=teacher_bias,
+            )  # fmt: skip
+        if sparse or uses_sparse_path(teacher_hidden, opts.top_k, student_weight.shape[0]):
+            d, ls_x, lt_x = _sparse_rows(
+                (student_hidden, student_weight, student_bias),
+                (teacher_hidden, teacher_weight, teacher_bias),
+                labels, opts, backend, check_labels, chunk_size,
+            )  # fmt: skip
+            mask = labels != opts.ignore_index
+            return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats, normalizer)
     check_fused_linear_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         b_s=student_bias, b_t=teacher_bias,
@@ -171,3 +190,30 @@ def fused_linear_renio_loss(
         d, ls_x, lt_x = FusedLinearFunction.apply(*student, *teacher, labels, plan)
     mask = labels != opts.ignore_index
     return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats, normalizer)
+
+
+@torch.compiler.disable  # eager: value checks read back; see core.sparse
+def _sparse_rows(student, teacher, labels, opts, backend, check_labels, chunk_size):
+    """Validate, then ``(d, ls[x], lt[x])`` of a sparse teacher or ``top_k < Vs``."""
+    h_s, w_s, b_s = student
+    sparse = isinstance(teacher[0], SparseTeacher)
+    if sparse:
+        if teacher[1] is not None or teacher[2] is not None:
+            raise ValueError(
+                "with a SparseTeacher in place of teacher_hidden, pass teacher_weight=None and "
+                "teacher_bias=None: the teacher's logits are not computed"
+            )
+        # The dense checks, with the student standing in for the teacher.
+        check_fused_linear_inputs(h_s, w_s, h_s, w_s, labels, b_s=b_s)
+        check_sparse_teacher(
+            teacher[0], h_s.shape[:2], w_s.shape[0], labels, opts.ignore_index, opts.top_k
+        )
+        teacher = teacher[0]
+    else:  # a dense teacher with top_k < Vs: its checks have run
+        teacher = tuple(None if x is None else x.detach() for x in teacher)
+    if check_labels:
+        check_labels_in_range(labels, w_s.shape[0], opts.ignore_index)
+    return sparse_linear_rows(
+        student, teacher, labels, kernel_params(opts), backend, opts.top_k, chunk_size,
+        _wanted(student),
+    )  # fmt: skip

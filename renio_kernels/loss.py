@@ -9,6 +9,7 @@ from .core.autograd import RowStatsFunction
 from .core.custom_ops import check_labels_async, row_stats_op
 from .core.options import call_options, kernel_params, with_options
 from .core.reduction import reduce_renio, reduce_sampled_rkl
+from .core.sparse import check_sparse_teacher, sparse_row_stats, uses_sparse_path
 from .core.step import StepNormalizer
 from .core.validation import (
     check_backend,
@@ -21,6 +22,7 @@ from .core.validation import (
 )
 from .ops.backends import resolve_backend
 from .ops.rows import DenseTeacher, DivergenceParams
+from .ops.sparse import SparseTeacher
 from .vocab_parallel import dtensor_renio_loss
 
 __all__ = ["renio_loss", "sampled_reverse_kl_loss", "row_stats"]
@@ -82,7 +84,8 @@ def renio_loss(
             Any view whose last dimension is contiguous (e.g. ``logits[:, :-1]``) is read in
             place. Receives the gradient.
         teacher_logits: ``(B, T, Vt)`` with ``Vt >= Vs``; columns ``>= Vs`` are ignored. Never
-            receives a gradient.
+            receives a gradient. Or a ``SparseTeacher`` (the teacher's top-k ids and log-probs
+            and the sampled token's log-prob, e.g. from a teacher server; ``docs/usage.md``).
         labels: ``(B, T)`` int64 sampled tokens; ``ignore_index`` marks positions to skip.
         {options}
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cpu"`` (see ``docs/backends.md``).
@@ -121,6 +124,17 @@ def renio_loss(
     opts = call_options(**options)
     check_ema_state(opts, ema_state, "ReNIOLoss")
     check_normalizer(opts, normalizer)
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    if sparse or opts.top_k is not None:
+        # The dense checks (a sparse teacher's are in _sparse_rows), then top_k >= Vs is the
+        # full loss below.
+        check_logits_inputs(student_logits, student_logits if sparse else teacher_logits, labels)
+        if uses_sparse_path(teacher_logits, opts.top_k, student_logits.shape[-1]):
+            d, ls_x, lt_x = _sparse_rows(
+                student_logits, teacher_logits, labels, opts, backend, check_labels
+            )
+            mask = labels != opts.ignore_index
+            return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats, normalizer)
     d, ls_x, lt_x = row_stats(
         student_logits,
         teacher_logits,
@@ -132,6 +146,25 @@ def renio_loss(
     )
     mask = labels != opts.ignore_index
     return reduce_renio(d, ls_x, lt_x, mask, opts, ema_state, return_stats, normalizer)
+
+
+@torch.compiler.disable  # eager: value checks read back; see core.sparse
+def _sparse_rows(student_logits, teacher, labels, opts, backend: str, check_labels: bool):
+    """Validate (the dense checks have run), then ``(d, ls[x], lt[x])`` of a sparse teacher or
+    ``top_k < Vs``."""
+    sparse = isinstance(teacher, SparseTeacher)
+    check_backend(backend)
+    vocab = student_logits.shape[-1]
+    if sparse:
+        check_sparse_teacher(
+            teacher, student_logits.shape[:2], vocab, labels, opts.ignore_index, opts.top_k
+        )
+    if check_labels:
+        check_labels_in_range(labels, vocab, opts.ignore_index)
+    student = last_dim_contiguous(student_logits)
+    if not sparse:
+        teacher = last_dim_contiguous(teacher)
+    return sparse_row_stats(student, teacher, labels, kernel_params(opts), backend, opts.top_k)
 
 
 def sampled_reverse_kl_loss(
@@ -151,6 +184,11 @@ def sampled_reverse_kl_loss(
     over the vocabulary forward, one backward. A fully ignored batch gives 0.
     """
     opts = call_options(temperature=temperature, ignore_index=ignore_index)
+    if isinstance(teacher_logits, SparseTeacher):
+        raise ValueError(
+            "sampled_reverse_kl_loss takes dense teacher logits, not a SparseTeacher; "
+            "its advantage needs only lt[x]: compute it from SparseTeacher.sampled_logprob"
+        )
     _, ls_x, lt_x = row_stats(
         student_logits,
         teacher_logits,

@@ -72,6 +72,12 @@ def _check_across_ranks(group, labels: torch.Tensor, sizes: tuple[int, ...], wha
 
 
 def _check_ema(opts, ema_state, normalizer) -> None:
+    if opts.top_k is not None:
+        raise ValueError(
+            "top_k is not supported by the vocabulary-parallel loss (the top-k selection would "
+            "need a distributed top-k over the shards); pass top_k=None, or gather the logits "
+            "and call renio_loss"
+        )
     check_normalizer(opts, normalizer)
     if (
         opts.weight_scope == "micro_batch"

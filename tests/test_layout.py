@@ -131,7 +131,7 @@ def test_modules_take_every_option(module):
     values = {"beta": 0.5, "divergence": "jsd", "temperature": 1.5, "token_clip": 0.1,
               "use_renio": False, "ratio_clip": 1.0, "threshold": 0.2,
               "weight_temperature": 2.0, "weight_norm": "clamp", "ignore_index": -1,
-              "reduction": "token_mean", "weight_scope": "global"}  # fmt: skip
+              "reduction": "token_mean", "weight_scope": "global", "top_k": 3}  # fmt: skip
     assert set(values) == {f.name for f in option_fields()}
     mod = module(**values)
     assert vars(mod.options) == values

@@ -435,3 +435,9 @@ def test_signatures_carry_every_option(fn):
     for f in option_fields():
         assert params[f.name].default == f.default, (fn.__name__, f.name)
         assert f"{f.name}: {f.metadata['doc']}" in fn.__doc__, (fn.__name__, f.name)
+
+
+def test_top_k_is_refused_before_any_collective():
+    s, t, labels = make_inputs()
+    with pytest.raises(ValueError, match="top_k is not supported by the vocabulary-parallel"):
+        vocab_parallel_renio_loss(s, t, labels, top_k=4)

@@ -237,3 +237,15 @@ def test_global_scope_under_torch_compile():
     (grad, loss), (grad_c, loss_c) = run(False), run(True)
     _close(grad_c, grad)
     torch.testing.assert_close(loss_c, loss)
+
+
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_top_k_under_the_global_scope(path):
+    """The top-k path ends in the same reduction: accumulation == one batch there too."""
+    for weight_norm in ("batch_mean", "ema"):
+        kw = dict(beta=0.5, weight_norm=weight_norm, top_k=5, reduction="token_mean")
+        steps = 2 if weight_norm == "ema" else 1
+        grad, result = _global_step(path, _problem, 0, 1, 2, steps, **kw)
+        ref_grad, ref_loss = _one_batch(path, _problem, steps, **kw)
+        _close(grad, ref_grad, f"{path} {weight_norm}")
+        torch.testing.assert_close(result.loss.float(), ref_loss, rtol=2e-5, atol=1e-7)

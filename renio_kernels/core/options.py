@@ -38,9 +38,14 @@ REDUCTIONS = ("sequence_mean", "token_mean", "sum")
 WEIGHT_SCOPES = ("micro_batch", "global")
 
 
-def _opt(default: Any, kind: str, doc: str, paper: str | None = None, choices=None):
-    """A field of the record: ``kind`` names the check (``_CHECKS``), ``paper`` the trainer flag."""
+def _opt(default: Any, kind: str, doc: str, paper: str | None = None, choices=None,
+         script_flag=None):  # fmt: skip
+    """A field of the record: ``kind`` names the check (``_CHECKS``), ``paper`` the trainer flag,
+    ``script_flag`` the training script's flag when it is not ``--name-with-dashes`` (a name the
+    script already uses for a setting of its own)."""
     meta = {"kind": kind, "doc": doc, "paper_flag": paper, "choices": choices}
+    if script_flag is not None:
+        meta["script_flag"] = script_flag
     return field(default=default, metadata=meta)
 
 
@@ -93,6 +98,11 @@ class ReNIOOptions:
         "micro_batch: weights normalized over the batch passed in (the paper's); global: over "
         "every rank and accumulation micro-batch of the step (needs a StepNormalizer)",
         choices=WEIGHT_SCOPES,
+    )  # fmt: skip
+    top_k: int | None = _opt(
+        None, "top_k", "divergence over the teacher's top_k columns per position, both sides "
+        "renormalized there (None: the full vocabulary; >= Vs: the full loss)", "--top_k_loss",
+        script_flag=("--top-k-loss", "--top_k_loss"),
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -173,6 +183,13 @@ def _check_int(name, v, traced):
         raise ValueError(f"{name} must be an int, got {v!r}")
 
 
+def _check_top_k(name, v, traced):
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be None (the full vocabulary) or an int >= 1, got {v!r}")
+
+
 def _check_choice(name, v, traced, choices):
     if v not in choices:
         raise ValueError(f"unknown {name} {v!r}; expected one of {choices}")
@@ -186,6 +203,7 @@ _CHECKS = {
     "real_or_none": _check_real_or_none,
     "bool": _check_bool,
     "int": _check_int,
+    "top_k": _check_top_k,
 }
 
 

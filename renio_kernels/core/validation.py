@@ -8,6 +8,7 @@ from ..ops.backends import BACKENDS
 from .step import StepNormalizer
 
 __all__ = [
+    "require_tensor",
     "check_normalizer",
     "FLOAT_DTYPES",
     "check_backend",
@@ -24,7 +25,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
-def _tensor(name: str, x) -> torch.Tensor:
+def require_tensor(name: str, x) -> torch.Tensor:
     """A dense, strided tensor (the kernels index memory directly), or a ValueError."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -52,7 +53,7 @@ def check_float(name: str, x: torch.Tensor) -> None:
 
 
 def check_labels_tensor(labels: torch.Tensor, batch_seq: tuple[int, int], what: str) -> None:
-    _tensor("labels", labels)
+    require_tensor("labels", labels)
     if labels.dtype not in LABEL_DTYPES:
         raise ValueError(
             f"labels has dtype {labels.dtype}; expected int64 (or int32) token ids "
@@ -66,8 +67,8 @@ def check_labels_tensor(labels: torch.Tensor, batch_seq: tuple[int, int], what: 
 
 
 def check_logits_inputs(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
-    _tensor("student_logits", student)
-    _tensor("teacher_logits", teacher)
+    require_tensor("student_logits", student)
+    require_tensor("teacher_logits", teacher)
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if x.dim() != 3:
             raise ValueError(
@@ -191,7 +192,7 @@ def _check_side(side: str, hidden, weight, bias, batch_seq: tuple[int, int] | No
     for name, x in zip(names, (hidden, weight, bias), strict=True):
         if x is None and name.endswith("bias"):
             continue
-        _tensor(name, x)
+        require_tensor(name, x)
         check_float(name, x)
         if is_dtensor(x):
             # An FSDP2 / tensor-parallel shard would silently score a slice of the vocabulary.

@@ -43,8 +43,9 @@ changes is ``compute_loss``:
 The config's ReNIO fields are derived from ``ReNIOOptions`` (``option_fields()``: name, default,
 documentation), so a new option appears here without an edit. TRL's own fields ``beta`` and
 ``temperature`` are SPEC's (``temperature`` also sets the sampling temperature, as in TRL);
-``beta`` defaults to SPEC's 0.0 (forward KL) here, not TRL's 1.0. TRL requires student and
-teacher to share ``vocab_size``.
+``beta`` defaults to SPEC's 0.0 (forward KL) here, not TRL's 1.0. TRL's ``top_k`` is its
+sampling top-k, so the loss's ``top_k`` is the field ``renio_top_k`` here (``_CONFIG_NAMES``).
+TRL requires student and teacher to share ``vocab_size``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ except ImportError as err:  # pragma: no cover - exercised with trl hidden
         "trl 1.16.0): pip install renio-kernels[trl]"
     ) from err
 
-__all__ = ["ReNIODistillationConfig", "ReNIODistillationTrainer"]
+__all__ = ["ReNIODistillationConfig", "ReNIODistillationTrainer", "config_name"]
 
 _MULTIMODAL_KEYS = (
     "pixel_values",
@@ -81,6 +82,15 @@ _MULTIMODAL_KEYS = (
 )
 # How errors name the fused-linear switch.
 _NAMES = ("renio_fused_linear=True", "renio_fused_linear=False (or None to fall back)")
+# Options whose config field has another name: TRL's own field of that name means something else.
+_CONFIG_NAMES = {"top_k": "renio_top_k"}
+
+
+def config_name(option: str) -> str:
+    """The config field of a loss option."""
+    return _CONFIG_NAMES.get(option, option)
+
+
 # What an option's help adds in this config, beyond the record's documentation.
 _HELP_EXTRA = {"temperature": "; also TRL's sampling temperature"}
 
@@ -111,7 +121,7 @@ class _ReNIOConfigBase(DistillationConfig):
 
     def renio_options(self) -> ReNIOOptions:
         """The validated ReNIO options (ValueError with the fix on a bad value)."""
-        return ReNIOOptions(**{f.name: getattr(self, f.name) for f in option_fields()})
+        return ReNIOOptions(**{f.name: getattr(self, config_name(f.name)) for f in option_fields()})
 
 
 def _option_help(f: dataclasses.Field) -> str:
@@ -123,7 +133,7 @@ def _option_help(f: dataclasses.Field) -> str:
 ReNIODistillationConfig = dataclasses.make_dataclass(
     "ReNIODistillationConfig",
     [
-        (f.name, f.type, field(default=f.default, metadata={"help": _option_help(f)}))
+        (config_name(f.name), f.type, field(default=f.default, metadata={"help": _option_help(f)}))
         for f in option_fields()
     ],
     bases=(_ReNIOConfigBase,),

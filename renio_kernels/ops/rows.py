@@ -4,8 +4,9 @@ A row is one ``(b, t)`` position. A backend's forward reduces each row of the st
 the teacher input to a few fp32 numbers (``RowStats``); its backward writes the row's gradient
 from per-row upstream scales. Everything after the row kernels (the ReNIO weights, the reduction,
 autograd) needs only ``(d, ls[x], lt[x])`` per row, so the teacher side is a typed input: a new
-kind of teacher (e.g. top-k ids and log-probs from a teacher server) is a new input type plus the
-kernels that read it, with no change above this layer.
+kind of teacher is a new input type plus the kernels that read it, with no change above this
+layer. (A top-k teacher, ``ops.sparse.SparseTeacher``, needs no kernel of its own: its k-sized
+math is torch above the rows, and the rows' vocabulary sweep is ``with_divergence=False``.)
 """
 
 from __future__ import annotations

@@ -204,9 +204,12 @@ def test_config_fields_come_from_the_options_record():
 
     fields = {f.name: f for f in dataclasses.fields(trl_mod.ReNIODistillationConfig)}
     for f in option_fields():
-        assert fields[f.name].default == f.default, f.name
-        assert fields[f.name].metadata["help"].startswith(f.metadata["doc"]), f.name
+        name = trl_mod.config_name(f.name)
+        assert fields[name].default == f.default, f.name
+        assert fields[name].metadata["help"].startswith(f.metadata["doc"]), f.name
     assert fields["beta"].default == 0.0
+    # TRL's sampling top_k keeps its meaning; the loss's is renio_top_k.
+    assert fields["top_k"].default == 0 and fields["renio_top_k"].default is None
 
 
 def test_a_new_option_needs_no_other_edit(monkeypatch, tmp_path):

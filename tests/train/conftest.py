@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         "student": save_tiny(root / "student", hidden=32, layers=1, seed=1),
         "teacher": save_tiny(root / "teacher", hidden=48, layers=1, seed=2),
     }
+
+
+def torchrun(module: str, *args: str, nproc: int = 2) -> list[str]:
+    """The command running ``python -m module args`` under ``torchrun --standalone``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        str(nproc), "-m", module, *args,
+    ]  # fmt: skip
 
 
 def base_args(models: dict[str, Path], out: Path, **overrides) -> list[str]:

@@ -3,13 +3,12 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from renio_kernels.train.metrics import read_metrics
-from tests.train.conftest import base_args
+from tests.train.conftest import base_args, torchrun
 
 
 @pytest.mark.parametrize(
@@ -17,17 +16,10 @@ from tests.train.conftest import base_args
 )
 def test_two_process_ddp(tiny_models, tmp_path, extra):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
+    cmd = torchrun(
         "renio_kernels.train",
         *base_args(tiny_models, out, **{"save-every": 2, **extra}),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 from renio_kernels.train import loop
 from renio_kernels.train.metrics import read_metrics
 from tests.distributed import run_workers
-from tests.train.conftest import base_args
+from tests.train.conftest import base_args, torchrun
 from tests.train.fixed_sampling import sample_per_prompt
 
 VARIED = {"threshold": -10, "weight-temperature": 0.02, "eval-problems": 0}
@@ -118,17 +117,10 @@ def test_two_ranks_equal_one_rank(tiny_models, tmp_path, per_prompt_sampling, op
     """torchrun, 2 ranks x 8 / world / grad_accum prompts == 1 process x 8 prompts."""
     per_rank = 8 // 2 // options.get("grad-accum", 1)
     ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
+    cmd = torchrun(
         "tests.train.fixed_sampling",
         *base_args(tiny_models, ddp, **VARIED, **{**options, "batch-size": per_rank}),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]

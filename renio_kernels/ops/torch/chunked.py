@@ -17,7 +17,14 @@ import torch
 from ... import config
 from ..rows import ANCHOR_COLUMNS, DivergenceParams, RowStats, check_scales, dense_logits
 
-__all__ = ["elementwise_terms", "renio_fwd_torch", "renio_bwd_torch", "row_chunks"]
+__all__ = [
+    "elementwise_terms",
+    "log_probs",
+    "renio_bwd_torch",
+    "renio_fwd_torch",
+    "row_anchor",
+    "row_chunks",
+]
 
 
 def row_chunks(
@@ -35,7 +42,7 @@ def row_chunks(
                 yield slice(b, b + 1), slice(t0, min(seq, t0 + rows))
 
 
-def _anchor(logits: torch.Tensor, inv_tau: float) -> torch.Tensor:
+def row_anchor(logits: torch.Tensor, inv_tau: float) -> torch.Tensor:
     """The rows' anchors (``ops.rows.ANCHOR_COLUMNS``): the largest of the first columns' logits /
     tau, 0 when not finite; ``(rows, 1)`` fp32."""
     first = logits[..., :ANCHOR_COLUMNS].float().amax(-1, keepdim=True) * inv_tau
@@ -49,15 +56,15 @@ def _log_probs(
     ``logits / tau - anchor`` and the log-probabilities ``(logits / tau - anchor) - lse``, so a
     constant on the logits costs no digits."""
     logits = logits[..., :vocab]
-    x = (logits.float() * inv_tau).sub_(_anchor(logits, inv_tau))
+    x = (logits.float() * inv_tau).sub_(row_anchor(logits, inv_tau))
     # A row that is -inf throughout has lse = -inf: NaN log-probabilities, as documented.
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
     return x.sub_(lse), lse.squeeze(-1)
 
 
-def _shifted(logits: torch.Tensor, inv_tau: float, lse: torch.Tensor) -> torch.Tensor:
+def log_probs(logits: torch.Tensor, inv_tau: float, lse: torch.Tensor) -> torch.Tensor:
     """``(logits / tau - anchor) - lse``: the log-probabilities from a stored ``lse``, fp32."""
-    x = torch.add(-_anchor(logits, inv_tau), logits.float(), alpha=inv_tau)
+    x = torch.add(-row_anchor(logits, inv_tau), logits.float(), alpha=inv_tau)
     return x.sub_(lse.unsqueeze(-1))
 
 
@@ -155,10 +162,10 @@ def renio_bwd_torch(student, teacher_input, labels, params: DivergenceParams, st
     for bs, ts in row_chunks(batch, seq, vocab, chunk_elements):
         lab = labels[bs, ts]
         valid = lab != params.ignore_index
-        ls = _shifted(student[bs, ts], inv_tau, stats.lse_s[bs, ts])
+        ls = log_probs(student[bs, ts], inv_tau, stats.lse_s[bs, ts])
         g = torch.zeros_like(ls)
         if grad_d is not None:
-            lt = _shifted(teacher[bs, ts, :vocab], inv_tau, stats.lse_t[bs, ts])
+            lt = log_probs(teacher[bs, ts, :vocab], inv_tau, stats.lse_t[bs, ts])
             _, de, ps = elementwise_terms(ls, lt, params, want_grad=True)
             del lt
             scale = (grad_d[bs, ts].float() * inv_tau).unsqueeze(-1)
