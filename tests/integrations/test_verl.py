@@ -121,14 +121,14 @@ def _teacher_sampled(batch, i, rows):
     return batch["teacher"][rows].gather(-1, nxt[:, None]).float()
 
 
-def configs(mode, *, agg="token-mean", pg=False, clamp=None, strategy="fsdp"):
+def configs(mode, *, agg="token-mean", pg=False, clamp=None, strategy="fsdp", lp_clamp=-10.0):
     actor = ActorConfig(
         strategy=strategy, ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1,
         loss_agg_mode=agg,
     )  # fmt: skip
     loss = DistillationLossConfig(
         loss_mode=mode, topk=K, use_policy_gradient=pg, use_task_rewards=False,
-        loss_max_clamp=clamp,
+        loss_max_clamp=clamp, log_prob_min_clamp=lp_clamp,
     )  # fmt: skip
     return actor, DistillationConfig(enabled=False, distillation_loss=loss)
 
@@ -176,10 +176,7 @@ def reference(batch, logits64, base, *, agg="token-mean", weight_norm="batch_mea
             ls_k = ls.gather(-1, batch["tid"][rows])
             lt_c, ls_c = lt_k.clamp(min=-10), ls_k.clamp(min=-10)
             d = (lt_c.exp() * (lt_c - ls_c)).sum(-1).clamp(min=0)
-            ids = batch["tid"][rows]
-            inside = (ids == x[:, None]).any(-1)
-            bound = torch.minimum(lt_k.min(-1).values, torch.log(1 - lt_k.exp().sum(-1)))
-            lt_x = torch.where(inside, lt_x_true.float().double(), bound)
+            lt_x = _teacher_at_sampled(batch, rows, x)
         else:
             lt_x = lt_x_true.float().double()
             kl = (lt_x - ls_x).clamp(-20, 20)
@@ -214,6 +211,15 @@ def reference(batch, logits64, base, *, agg="token-mean", weight_norm="batch_mea
     else:
         denom = len(batch["seqs"])
     return total / denom
+
+
+def _teacher_at_sampled(batch, rows, x):
+    """``lt[x]`` as verl's top-k data allows: exact inside the top-k, else its upper bound."""
+    lt_k = batch["tlp"][rows].double()
+    inside = (batch["tid"][rows] == x[:, None]).any(-1)
+    exact = batch["teacher"][rows].gather(-1, x[:, None]).squeeze(-1).float().double()
+    bound = torch.minimum(lt_k.min(-1).values, torch.log(1 - lt_k.exp().sum(-1)))
+    return torch.where(inside, exact, bound)
 
 
 def _check_grad(got, want, rtol=2e-5, atol=2e-7):
@@ -489,3 +495,37 @@ def test_policy_gradient_global_scope_two_micro_batches():
     assert abs(result.grad_scale.item() - 1) > 1e-3
     _, want_grad = _ref_grad(batch, "k1")
     _check_grad(leaf.grad, want_grad)
+
+
+def test_verl_topk_is_the_sparse_teacher_truncated_loss():
+    """verl's top-k divergence with the ReNIO weights (verl's formula on verl's tensors) equals
+    this package's loss with a truncated SparseTeacher on the same top-k data, kernels included
+    (verl's log_prob_min_clamp off, as SPEC's semantics have none)."""
+    import renio_kernels as rk
+
+    batch = make_batch(12, **SHAPE)
+    leaf = batch["logits"].clone().requires_grad_()
+    [(loss, _)] = _run("renio_mb_forward_kl_topk", batch, [[0, 1, 2, 3]], leaf=leaf, lp_clamp=None)
+
+    width = max(batch["rlens"])
+    n = len(batch["seqs"])
+    student = torch.zeros(n, width, V)
+    ids = torch.zeros(n, width, K, dtype=torch.long)
+    lps = torch.zeros(n, width, K)
+    sampled = torch.zeros(n, width)
+    labels = torch.full((n, width), -100)
+    mine = batch["logits"].clone().requires_grad_()
+    off = 0
+    for i, (s, p, r) in enumerate(zip(batch["seqs"], batch["plens"], batch["rlens"], strict=True)):
+        rows = torch.arange(off + p - 1, off + p + r - 1)
+        off += len(s)
+        student[i, :r] = mine[rows]
+        ids[i, :r], lps[i, :r] = batch["tid"][rows], batch["tlp"][rows]
+        sampled[i, :r] = _teacher_at_sampled(batch, rows, s[p:]).float()
+        if i not in batch["masked"]:
+            labels[i, :r] = s[p:]
+    teacher = rk.SparseTeacher(ids, lps, sampled, mode="truncated")
+    ours = rk.renio_loss(student, teacher, labels, reduction="token_mean", **PAPER)
+    ours.backward()
+    assert abs(ours.item() - loss.item()) <= 2e-6 * abs(loss.item())
+    _check_grad(mine.grad, leaf.grad.double())
