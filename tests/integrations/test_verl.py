@@ -8,8 +8,11 @@ float64 reference below is written from docs/SPEC.md and verl's formulas, not fr
 
 from __future__ import annotations
 
+import ast
 import importlib
 import math
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -457,12 +460,34 @@ def test_registry_and_config():
         _run("renio_mb_k1", batch, [[0, 1]], leaf=leaf)
 
 
-def test_plugin_entry_point_names_the_module():
-    """verl imports every ``verl.plugins`` entry point on ``import verl``."""
+def test_verl_loads_the_plugin_entry_point(tmp_path):
+    """``import verl`` imports every ``verl.plugins`` entry point: with the one pyproject.toml
+    declares (installed here as a bare dist-info), a fresh interpreter that only imports verl
+    has the ReNIO losses registered."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    meta = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    root = Path(__file__).parents[2]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
     target = meta["project"]["entry-points"]["verl.plugins"]["renio"]
-    assert importlib.import_module(target) is rv
+    info = tmp_path / "renio_plugin_probe-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: renio-plugin-probe\nVersion: 0.0\n"
+    )
+    (info / "entry_points.txt").write_text(f"[verl.plugins]\nrenio = {target}\n")
+    code = (
+        "import verl\n"
+        "from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY as r\n"
+        "print(sorted(n for n in r if n.startswith('renio_')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    env.pop("VERL_USE_EXTERNAL_MODULES", None)
+    env["VERL_USE_EXTERNAL_PLUGINS"] = "renio"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert names == sorted(f"{p}{b}" for b in rv.BASES for p in ("renio_", "renio_mb_"))
 
 
 def test_import_without_verl_names_the_extra(monkeypatch):
