@@ -32,6 +32,7 @@ from tests.integrations.verl_inputs import (  # noqa: E402
     K,
     V,
     check_grad,
+    configs,
     make_batch,
     micro_batch,
     ref_grad,
@@ -329,3 +330,37 @@ def test_verl_topk_is_the_sparse_teacher_truncated_loss():
     ours.backward()
     assert abs(ours.item() - loss.item()) <= 2e-6 * abs(loss.item())
     check_grad(mine.grad, leaf.grad.double())
+
+
+@pytest.mark.parametrize("mode", ["renio_k3", "renio_mb_k3"])
+def test_fully_masked_micro_batch(mode):
+    """A micro-batch whose response tokens are all masked (others in the step have tokens): the
+    registered loss gives finite values, weights 1, and after verl's agg_loss a loss of 0 with
+    gradients exactly 0 (the step's rescale included).
+    verl's own distillation_loss cannot be the caller here: its loss-range metric takes the min
+    of an empty tensor and raises, for verl's losses too."""
+    from verl.trainer.ppo.core_algos import agg_loss
+    from verl.utils.torch_functional import logprobs_from_logits
+
+    batch = make_batch(13, **{**SHAPE, "masked": (0, 1, 2, 3)})
+    leaf = batch["logits"].clone().requires_grad_()
+    idx = [0, 1, 2, 3]
+    data = micro_batch(batch, idx, dp_size=1, num_tokens=10, num_seqs=8)
+    data["teacher_logprobs"] = data["teacher_sampled"]
+    seqs = batch["seqs"]
+    cu = torch.tensor([0] + [len(q) for q in seqs]).cumsum(0)
+    lp = logprobs_from_logits(leaf, torch.roll(torch.cat(seqs), -1))
+    model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(lp, cu)}
+    actor, dist = configs(mode)
+    matrix, metrics = L.get_distillation_loss_fn(mode)(
+        config=actor, distillation_config=dist, model_output=model_output, data=data
+    )
+    assert torch.isfinite(matrix).all()
+    assert metrics["renio/weight_mean"].aggregate() == 1.0
+    mask = data["response_mask"].to_padded_tensor(False)
+    loss = agg_loss(matrix, mask, "token-mean", dp_size=1, batch_num_tokens=10, global_batch_size=8)
+    loss.backward()
+    rv.finish_step(parameters=[leaf])
+    assert loss.item() == 0 and torch.equal(leaf.grad, torch.zeros_like(leaf.grad))
+    with pytest.raises(RuntimeError, match="numel"):
+        run_steps("k3", batch, [idx], leaf=leaf)
