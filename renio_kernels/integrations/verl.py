@@ -89,6 +89,8 @@ _WEIGHT_OPTIONS = ("use_renio", "ratio_clip", "threshold", "weight_temperature",
 # Engines whose gradients sit in ``.grad`` (FSDP1's flat parameters, FSDP2's DTensors).
 _GRAD_STRATEGIES = ("fsdp", "fsdp2", "veomni")
 
+_TINY = torch.finfo(torch.float32).tiny
+
 _normalizer: StepNormalizer | None = None
 _mb_ema = torch.full((), float("nan"), dtype=torch.float64)
 last_step = None  # the StepResult of this process's last finished global-scope step
@@ -198,7 +200,9 @@ def _teacher_sampled_topk(data, width: int):
     found = hit.any(-1)
     exact = torch.where(hit, lps, torch.zeros((), dtype=lps.dtype)).sum(-1)
     kth = lps.min(-1).values
-    rest = (1.0 - lps.double().exp().sum(-1)).clamp(min=1e-300).log().float()
+    # log(1 - top-k mass), raised to float32's smallest normal probability where the mass
+    # rounds to 1: still an upper bound, and it keeps exp(rbar) finite without a ratio_clip
+    rest = (1.0 - lps.double().exp().sum(-1)).clamp(min=_TINY).log().float()
     bound = torch.minimum(kth, rest)
     return torch.where(found, exact, bound), ~found
 

@@ -364,3 +364,20 @@ def test_fully_masked_micro_batch(mode):
     assert loss.item() == 0 and torch.equal(leaf.grad, torch.zeros_like(leaf.grad))
     with pytest.raises(RuntimeError, match="numel"):
         run_steps("k3", batch, [idx], leaf=leaf)
+
+
+def test_teacher_top_k_holding_all_mass_keeps_weights_finite():
+    """Top-k log-probs whose mass rounds to >= 1 and sampled tokens outside them, without a
+    ratio_clip: the bound on lt[x] stays finite, and so do the weights and the gradient."""
+    if "test_noclip_forward_kl_topk" not in L.DISTILLATION_LOSS_REGISTRY:
+        rv.register_renio_loss(
+            "test_noclip_forward_kl_topk", "forward_kl_topk", ratio_clip=None,
+            weight_temperature=0.5, weight_scope="micro_batch",
+        )  # fmt: skip
+    batch = make_batch(14, **SHAPE)
+    batch["tlp"] = torch.full_like(batch["tlp"], math.log(1.01 / K))  # mass 1.01: rounding
+    leaf = batch["logits"].clone().requires_grad_()
+    [(loss, metrics)] = run_steps("test_noclip_forward_kl_topk", batch, [[0, 1, 2, 3]], leaf=leaf)
+    assert math.isfinite(loss.item()) and torch.isfinite(leaf.grad).all()
+    assert math.isfinite(metrics["renio/weight_max"].aggregate())
+    assert metrics["renio/lt_bounded_frac"].aggregate() > 0
