@@ -257,6 +257,13 @@ def _make_loss(base: str, opts: ReNIOOptions):
         loss_config = distillation_config.distillation_loss
         mask = _padded(data["response_mask"], False).bool()
         grad = torch.is_grad_enabled()
+        if opts.weight_scope == "global" and grad and not _HOOKED:
+            raise RuntimeError(
+                "renio_kernels: verl.workers.engine.base could not be imported when "
+                "renio_kernels.integrations.verl was, so the per-step rescale of the global-scope "
+                f"ReNIO losses is not installed; use renio_mb_{base}, or import this module "
+                "after verl's engines"
+            )
         if opts.weight_scope == "global" and grad and config.strategy not in _GRAD_STRATEGIES:
             raise NotImplementedError(
                 f"renio_kernels: loss_mode renio_{base} (weights normalized over the optimizer "

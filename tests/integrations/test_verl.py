@@ -247,7 +247,7 @@ def test_registry_and_config():
 def test_verl_loads_the_plugin_entry_point(tmp_path):
     """``import verl`` imports every ``verl.plugins`` entry point: with the one pyproject.toml
     declares (installed here as a bare dist-info), a fresh interpreter that only imports verl
-    has the ReNIO losses registered."""
+    has the ReNIO losses registered and verl's train_batch wrapped."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     root = Path(__file__).parents[2]
     meta = tomllib.loads((root / "pyproject.toml").read_text())
@@ -261,6 +261,8 @@ def test_verl_loads_the_plugin_entry_point(tmp_path):
     code = (
         "import verl\n"
         "from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY as r\n"
+        "from verl.workers.engine.base import BaseEngine\n"
+        "assert BaseEngine.train_batch._renio_step_hook\n"
         "print(sorted(n for n in r if n.startswith('renio_')))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
@@ -381,3 +383,11 @@ def test_teacher_top_k_holding_all_mass_keeps_weights_finite():
     assert math.isfinite(loss.item()) and torch.isfinite(leaf.grad).all()
     assert math.isfinite(metrics["renio/weight_max"].aggregate())
     assert metrics["renio/lt_bounded_frac"].aggregate() > 0
+
+
+def test_global_scope_refuses_to_run_without_the_step_hook(monkeypatch):
+    monkeypatch.setattr(rv, "_HOOKED", False)
+    batch = make_batch(15, **SHAPE)
+    leaf = batch["logits"].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="renio_mb_k3"):
+        run_steps("renio_k3", batch, [[0, 1]], leaf=leaf)
