@@ -4,7 +4,7 @@ PY ?= python3
 TORCH_SPEC ?= torch==2.13.0
 STAMP := .make/deps-stamp
 
-.PHONY: install test test-fast test-verl lint demo bench clean
+.PHONY: install test test-fast test-verl verl-install lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -18,8 +18,9 @@ lint: install
 	$(PY) -m ruff format --check .
 
 # The whole suite; on a machine without a GPU the Triton kernels run under TRITON_INTERPRET=1
-# (tests/conftest.py sets it before triton is imported).
-test: install lint
+# (tests/conftest.py sets it before triton is imported). verl's tests need verl-install; when
+# it cannot install here they skip (pytest's summary lists the skip).
+test: install verl-install lint
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -36,8 +37,14 @@ demo: install
 VERL_STAMP := .make/verl-stamp
 $(VERL_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps verl==0.9.1 tensordict==0.10.0 pyvers==0.1.0
-	$(PY) -m pip install -q ray hydra-core codetiming orjson importlib_metadata cloudpickle peft
+	$(PY) -m pip install -q ray==2.60.0 hydra-core==1.3.8 codetiming==1.4.0 orjson \
+		importlib_metadata cloudpickle peft==0.21.2
 	@mkdir -p $(dir $@) && touch $@
+
+# Best effort inside `make test`: a machine that cannot install verl still runs everything else.
+verl-install: $(STAMP)
+	@$(MAKE) --no-print-directory $(VERL_STAMP) || echo "*** verl could not be installed: \
+	tests/integrations/test_verl.py will be skipped ***"
 
 test-verl: $(VERL_STAMP)
 	$(PY) -m pytest -q tests/integrations/test_verl.py
