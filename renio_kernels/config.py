@@ -36,6 +36,12 @@ class TritonConfig:
     num_warps: int = 8
     # Under the CPU interpreter every program runs as numpy ops; one config, no tuning.
     interpret_block_v: int = 1024
+    # The streaming top-k's tile (at least the next power of two of k): a tile is sorted
+    # (bitonic) only when it holds a key above the running k-th, so most tiles cost a max. Not
+    # measured on a GPU yet.
+    top_k_block: int = 1024
+    # The interpreter runs the bitonic sort as numpy ops, O(tile log^2 tile) per merge.
+    interpret_top_k_block: int = 128
 
 
 TRITON = TritonConfig()

@@ -26,9 +26,10 @@ from triton.compiler import ASTSource
 from renio_kernels.ops.divergences import DIVERGENCES
 from renio_kernels.ops.triton.bwd import _renio_bwd_kernel
 from renio_kernels.ops.triton.fwd import _renio_fwd_kernel
+from renio_kernels.ops.triton.topk import _top_k_kernel
 
 # Argument types by name; the argument list itself is read from each kernel.
-_INT32 = ("T", "V", "ignore_index")
+_INT32 = ("T", "V", "k", "ignore_index")
 
 
 def _signature(kernel, dtype: str, consts: dict) -> dict:
@@ -36,9 +37,9 @@ def _signature(kernel, dtype: str, consts: dict) -> dict:
     for name in kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("s_ptr", "t_ptr", "grad_ptr"):
+        elif name in ("s_ptr", "t_ptr", "grad_ptr", "x_ptr"):
             sig[name] = f"*{dtype}"
-        elif name == "labels_ptr":
+        elif name in ("labels_ptr", "out_ptr"):
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
@@ -73,6 +74,12 @@ def _bwd(dtype: str, mode: int, clip: bool, div: bool, sampled: bool):
     return _source(_renio_bwd_kernel, dtype, consts)
 
 
+def _top_k(dtype: str, k_pad: int):
+    return _source(_top_k_kernel, dtype, {"K_PAD": k_pad, "BLOCK": max(1024, k_pad)})
+
+
+# The streaming top-k's kept-key widths: small k, and the paper's top_k_loss range.
+TOP_K_PADS = (8, 64, 256)
 FWD_FLAGS = ((True, True), (True, False), (False, False))  # (with_divergence, store_c)
 BWD_FLAGS = ((True, False), (False, True), (True, True))  # (divergence grad, sampled grad)
 
@@ -101,6 +108,12 @@ def main() -> None:
     print(
         f"compiled {n} kernel variants for sm_{args.arch}; last: {k.metadata.num_warps} warps, "
         f"{k.metadata.shared} bytes shared"
+    )
+    for dtype, k_pad in itertools.product(dtypes, TOP_K_PADS):
+        k = triton.compile(_top_k(dtype, k_pad), target=target)
+    print(
+        f"compiled {len(dtypes) * len(TOP_K_PADS)} top-k variants for sm_{args.arch}; last: "
+        f"{k.metadata.num_warps} warps, {k.metadata.shared} bytes shared"
     )
 
 

@@ -136,7 +136,7 @@ class SparseRowsFunction(torch.autograd.Function):
             lt_src = teacher.logprobs
             lt_x = torch.where(valid, teacher.sampled_logprob.float(), zero)
         else:
-            ids, bad = select_top_k(teacher, vocab, top_k), None
+            ids, bad = select_top_k(teacher, vocab, top_k, kernel=kernels.top_k), None
             renormalize = True
             lt_src = teacher.gather(-1, ids).float() * inv_tau
             lt_x = stats.lt_x

@@ -24,8 +24,9 @@ BACKENDS = ("auto", "triton", "torch", "cpu")
 def _triton_backend() -> RowBackend:
     from .triton.bwd import renio_bwd
     from .triton.fwd import renio_fwd
+    from .triton.topk import top_k_triton
 
-    return RowBackend("triton", renio_fwd, renio_bwd, bwd_in_place=True)
+    return RowBackend("triton", renio_fwd, renio_bwd, bwd_in_place=True, top_k=top_k_triton)
 
 
 def _torch_backend() -> RowBackend:

@@ -135,7 +135,9 @@ class RowBackend:
     ``fwd_grad`` / ``scale_grad`` (optional) form the unit-scale gradient through ``d`` in the
     forward and scale it in place in the backward. ``divergences`` lists the names it computes.
     ``bwd_in_place``: ``bwd`` takes ``out=student`` and writes the gradient over the logits it
-    reads (the fused-linear sweeps use it for the chunk's logits buffer).
+    reads (the fused-linear sweeps use it for the chunk's logits buffer). ``top_k(logits, vocab,
+    k) -> (B, T, k) ids`` (optional): the backend's own teacher top-k selection, under the rule of
+    ``ops.sparse.select_top_k`` (which runs it, or ``torch.topk`` without one).
     """
 
     name: str
@@ -145,3 +147,4 @@ class RowBackend:
     fwd_grad: Callable | None = None
     scale_grad: Callable | None = None
     bwd_in_place: bool = False
+    top_k: Callable | None = None

@@ -19,7 +19,8 @@ Two semantics (``docs/SPEC.md``, "Extensions"):
   active (as ``torch.clamp``, which passes the gradient at exactly 0).
 
 Top-k ties: the selection keys each column by (value, -column id), so among equal teacher logits
-the lower column id is taken; ``select_top_k`` is the one implementation, used by every backend.
+the lower column id is taken; ``select_top_k`` is the rule, run by ``torch.topk`` or by a
+backend's own kernel under it (``RowBackend.top_k``: the Triton backend's streaming top-k).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def select_top_k(
     k: int,
     chunk_elements: int | None = None,
     exact_keys: bool | None = None,
+    kernel=None,
 ) -> torch.Tensor:
     """``(B, T, k)`` int64 ids of the ``k`` largest of ``logits[..., :vocab]`` per row, largest
     first; among equal values the lower column id first (so the selection and its order never
@@ -113,7 +115,12 @@ def select_top_k(
     on CPU where a host read is free, ``torch.topk`` on the values (4x faster there), the k
     selected put in (value, id) order, and the rows where a value tied with the k-th one was
     left out (or a NaN came in) redone keyed.
+
+    ``kernel``: a backend's own selection under the same rule (``RowBackend.top_k``: the Triton
+    backend's streaming top-k, one read of the logits in tiles), used instead when given.
     """
+    if kernel is not None:
+        return kernel(logits, vocab, k)
     batch, seq = logits.shape[:2]
     out = torch.empty((batch, seq, k), dtype=torch.int64, device=logits.device)
     if exact_keys is None:

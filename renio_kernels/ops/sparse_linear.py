@@ -111,7 +111,7 @@ def sparse_forward_sweep(
                 valid[r0:r1], flat.sampled_logprob[r0:r1].float(), torch.zeros((), device=dev)
             )
         else:
-            chunk_ids = select_top_k(other.unsqueeze(0), vocab, k)[0]
+            chunk_ids = select_top_k(other.unsqueeze(0), vocab, k, kernel=backend.top_k)[0]
             ids[r0:r1] = chunk_ids
             lt_src = other.gather(-1, chunk_ids) * inv_tau
             lt_x[r0:r1] = stats.lt_x.view(-1)

@@ -32,3 +32,4 @@ def test_kernels_compile_for_sm90():
     # bf16, every divergence of the registry, clip off/on, every forward and backward flag set
     expected = len(DIVERGENCES) * 2 * 6
     assert f"compiled {expected} kernel variants for sm_90" in out.stdout
+    assert "compiled 3 top-k variants for sm_90" in out.stdout  # the streaming top-k, bf16
