@@ -43,15 +43,19 @@ timeout -k 10 "$TEST_S" "$PY" -m pytest "${PYTEST_ARGS[@]}" 2>&1 | tee "$OUT_DIR
 TEST_RC=${PIPESTATUS[0]}
 echo "tests exit code: $TEST_RC (124 = hit the ${TEST_S}s cap)" | tee -a "$OUT_DIR/gpu_tests_$STAMP.log"
 
-# 2. Benchmark with what is left, keeping ~60 s for the worker in flight and the report.
+# 2. Benchmark with what is left, keeping ~60 s for the worker in flight and the report, and 30 s
+# for step 3.
 ELAPSED=$(( $(date +%s) - START ))
-BUDGET=$(( TOTAL_S - ELAPSED - 60 ))
+BUDGET=$(( TOTAL_S - ELAPSED - 90 ))
 if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
 echo "benchmark budget: ${BUDGET}s" | tee "$OUT_DIR/gpu_bench_$STAMP.log"
 timeout -k 10 $(( BUDGET + 90 )) "$PY" -m benchmarks run --preset gpu --device cuda \
   --budget-s "$BUDGET" --out "$OUT_DIR" --note "benchmarks/gpu.sh run" 2>&1 \
   | tee -a "$OUT_DIR/gpu_bench_$STAMP.log"
 BENCH_RC=${PIPESTATUS[0]}
+
+# 3. The teacher top-k selection: the streaming Triton kernel against torch.topk (30 s at most).
+timeout -k 5 30 "$PY" -m benchmarks.top_k_select 2>&1 | tee "$OUT_DIR/gpu_top_k_$STAMP.log"
 
 echo "gpu.sh done in $(( $(date +%s) - START ))s: tests rc=$TEST_RC, benchmark rc=$BENCH_RC"
 [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
