@@ -22,6 +22,7 @@ __all__ = [
     "factor_span",
     "log_ratio",
     "normalize_factors",
+    "option_factors",
     "reduce_renio",
     "reduce_sampled_rkl",
     "sequence_factors",
@@ -70,6 +71,18 @@ def sequence_factors(
     rbar = torch.where(selected, r, torch.zeros((), dtype=r.dtype)).sum(-1) / count.clamp(min=1)
     e = torch.exp(rbar / weight_temperature)
     f = torch.clamp(e, *_CLAMP_RANGE) if weight_norm == "clamp" else e
+    return f, e, selected
+
+
+def option_factors(r: torch.Tensor, mask: torch.Tensor, opts) -> tuple:
+    """``sequence_factors`` under the loss options ``opts``: ``(f, e, selected)``, with every
+    ``f`` 1 for ``use_renio=False``."""
+    f, e, selected = sequence_factors(
+        r, mask, threshold=opts.threshold, weight_temperature=opts.weight_temperature,
+        weight_norm=opts.weight_norm,
+    )  # fmt: skip
+    if not opts.use_renio:
+        f = torch.ones_like(f)
     return f, e, selected
 
 
@@ -212,12 +225,7 @@ def reduce_renio(
     per_sequence = opts.reduction == "sequence_mean"
     r = log_ratio(ls_x, lt_x, mask, opts.ratio_clip)
     if opts.weight_scope == "global":
-        f, e, selected = sequence_factors(
-            r, mask, threshold=opts.threshold, weight_temperature=opts.weight_temperature,
-            weight_norm=opts.weight_norm,
-        )  # fmt: skip
-        if not opts.use_renio:
-            f = torch.ones_like(f)
+        f, e, selected = option_factors(r, mask, opts)
         terms = divergence if per_sequence else token_sum
         coef, w = normalizer.weigh(f, e, terms, mask, opts)
         loss = (coef.to(d.dtype) * terms).sum()

@@ -68,7 +68,7 @@ from ..core.options import ReNIOOptions
 from ..core.reduction import (
     log_ratio,
     normalize_factors,
-    sequence_factors,
+    option_factors,
     update_ema,
     warn_single_sequence,
 )
@@ -229,12 +229,7 @@ def _sequence_terms(config, data, d, mask) -> torch.Tensor:
 
 def _renio_weights(opts: ReNIOOptions, r, mask, grad: bool, terms):
     """Per-sequence weights (float64): the global scope's provisional ones when training."""
-    f, e, selected = sequence_factors(
-        r, mask, threshold=opts.threshold, weight_temperature=opts.weight_temperature,
-        weight_norm=opts.weight_norm,
-    )  # fmt: skip
-    if not opts.use_renio:
-        f = torch.ones_like(f)
+    f, e, selected = option_factors(r, mask, opts)
     if opts.weight_scope == "global" and grad:
         w, _ = step_normalizer().weigh(f, e, terms(), mask, opts)
         return w, selected
