@@ -249,3 +249,37 @@ def test_top_k_under_the_global_scope(path):
         ref_grad, ref_loss = _one_batch(path, _problem, steps, **kw)
         _close(grad, ref_grad, f"{path} {weight_norm}")
         torch.testing.assert_close(result.loss.float(), ref_loss, rtol=2e-5, atol=1e-7)
+
+
+def test_no_grad_evaluates_the_batch_and_leaves_the_step():
+    """Under ``torch.no_grad()`` (an evaluation loop) the global scope is the batch passed in:
+    the loss equals the per-batch loss and nothing is added to the step."""
+    h_s, w_s, h_t, w_t, labels = _problem(0)
+    for weight_norm in ("batch_mean", "ema"):
+        norm = rk.StepNormalizer()
+        norm.ema_mean.fill_(1.3)
+        kw = dict(beta=0.5, weight_norm=weight_norm)
+        with torch.no_grad():
+            loss = _loss("logits", h_s, w_s, h_t, w_t, labels, weight_scope="global",
+                         normalizer=norm, **kw)  # fmt: skip
+        ema = torch.full((), 1.3, dtype=torch.float64) if weight_norm == "ema" else None
+        ref = _loss("logits", h_s, w_s, h_t, w_t, labels, ema_state=ema, **kw)
+        torch.testing.assert_close(loss, ref)
+        assert not norm.pending and norm.ema_mean.item() == 1.3
+
+
+def test_grad_output_and_two_backwards_scale_exactly():
+    """``(2 * loss).backward()`` per micro-batch doubles the step's gradient; the rescale is a
+    factor on whatever was accumulated."""
+    grads = []
+    for scale in (1.0, 2.0):
+        norm = rk.StepNormalizer()
+        h_s, w_s, h_t, w_t, labels = _problem(0)
+        w = w_s.clone().requires_grad_()
+        for half in (slice(0, 4), slice(4, 8)):
+            loss = _loss("linear", h_s[half], w, h_t[half], w_t, labels[half],
+                         weight_scope="global", normalizer=norm)  # fmt: skip
+            (scale * loss).backward()
+        norm.finish([w])
+        grads.append(w.grad)
+    _close(grads[1], 2 * grads[0])

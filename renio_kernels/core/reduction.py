@@ -215,7 +215,9 @@ def reduce_renio(
     (``"token_mean"``) or 1 (``"sum"``). ``d`` must already be 0 at ignored positions (every
     backend writes it so). With ``weight_norm="ema"`` the running mean ``ema_state`` is used and
     advanced in place. With ``weight_scope="global"`` the normalization is the ``normalizer``'s
-    (a ``core.step.StepNormalizer``). The weights are computed in float64 from detached values:
+    (a ``core.step.StepNormalizer``); under ``torch.no_grad()`` (evaluation: no step to normalize)
+    it is the batch passed in, with the normalizer's ``"ema"`` mean read, not advanced, and the
+    step left untouched. The weights are computed in float64 from detached values:
     they are (B)-sized, and float64 keeps ``exp(rbar / weight_temperature)`` and its
     normalization exact for any option values.
     """
@@ -224,14 +226,18 @@ def reduce_renio(
     divergence = token_sum / n
     per_sequence = opts.reduction == "sequence_mean"
     r = log_ratio(ls_x, lt_x, mask, opts.ratio_clip)
-    if opts.weight_scope == "global":
+    in_step = opts.weight_scope == "global" and torch.is_grad_enabled()
+    if opts.weight_scope == "global" and not in_step:
+        ema_state = normalizer.ema_mean.clone()
+    if in_step:
         f, e, selected = option_factors(r, mask, opts)
         terms = divergence if per_sequence else token_sum
         coef, w = normalizer.weigh(f, e, terms, mask, opts)
         loss = (coef.to(d.dtype) * terms).sum()
         w = w.to(d.dtype)
     else:
-        warn_single_sequence(opts, mask.shape[0])
+        if opts.weight_scope == "micro_batch":
+            warn_single_sequence(opts, mask.shape[0])
         w, selected, mean_e = sequence_weights(
             r,
             mask,
