@@ -1,6 +1,7 @@
 """``renio-train``: on-policy distillation with the ReNIO loss (``python -m renio_kernels.train``).
 
-Subcommands: ``renio-train [train] ...`` (the default), ``renio-train sft ...``.
+Subcommands: ``renio-train [train] ...`` (the default), ``renio-train sft ...``,
+``renio-train experiment ...`` (a grid of runs with a paired report; docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
         from .sft import main as sft_main
 
         sft_main(argv[1:])
+        return 0
+    if argv and argv[0] == "experiment":
+        from .experiment import main as experiment_main
+
+        experiment_main(argv[1:])
         return 0
     if argv and argv[0] == "train":
         argv = argv[1:]

@@ -225,8 +225,9 @@ def _weight_scores(stats: dict, cfg: TrainConfig) -> list[float]:
     return torch.exp(rbar / cfg.weight_temperature).tolist()
 
 
-def _run_eval(student, tokenizer, problems, cfg, info: DistInfo) -> float:
-    """Greedy held-out accuracy (each rank scores a slice; the counts are summed)."""
+def _run_eval(student, tokenizer, problems, cfg, info: DistInfo) -> dict:
+    """Greedy held-out accuracy (each rank scores a slice) and, in the held-out problems' order,
+    each problem's correctness as a string of 0/1 (what a paired bootstrap over problems needs)."""
     part = problems[info.rank :: info.world]
     result = evaluate(
         student,
@@ -236,8 +237,12 @@ def _run_eval(student, tokenizer, problems, cfg, info: DistInfo) -> float:
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.eval_batch_size,
     )
-    counts = all_gather_objects((sum(result["correct"]), result["n"]), info)
-    return sum(c for c, _ in counts) / max(1, sum(n for _, n in counts))
+    slices = all_gather_objects(result["correct"], info)
+    correct = [False] * len(problems)
+    for rank, got in enumerate(slices):
+        correct[rank :: info.world] = got
+    acc = sum(correct) / max(1, len(correct))
+    return {"eval_accuracy": acc, "correct": "".join("1" if c else "0" for c in correct)}
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -317,10 +322,14 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     if resume_ckpt is not None:
         _log(info, f"resumed from {resume_ckpt} at step {start_step}")
     if start_step == 0 and cfg.eval_problems > 0:
-        acc = _run_eval(student, tokenizer, held_out, cfg, info)
-        _log(info, f"held-out accuracy before: {acc:.3f} ({len(held_out)} problems, greedy)")
+        ev = _run_eval(student, tokenizer, held_out, cfg, info)
+        _log(
+            info,
+            f"held-out accuracy before: {ev['eval_accuracy']:.3f} ({len(held_out)} problems, "
+            "greedy)",
+        )
         if writer:
-            writer.write({"kind": "eval", "step": 0, "eval_accuracy": acc})
+            writer.write({"kind": "eval", "step": 0, **ev})
     if resume_ckpt is not None:
         set_rng_state(rng)  # last, so nothing above shifts the random stream
 
@@ -348,9 +357,9 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
             teacher_ema,
         )
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            acc = _run_eval(student, tokenizer, held_out, cfg, info)
+            ev = _run_eval(student, tokenizer, held_out, cfg, info)
             if writer:
-                writer.write({"kind": "eval", "step": step, "eval_accuracy": acc})
+                writer.write({"kind": "eval", "step": step, **ev})
         if writer:
             writer.write(record)
         if progress is not None:
@@ -377,11 +386,10 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     if progress is not None:
         progress.close()
 
-    acc_after = None
     if cfg.eval_problems > 0:
-        acc_after = _run_eval(student, tokenizer, held_out, cfg, info)
+        ev = _run_eval(student, tokenizer, held_out, cfg, info)
         if writer:
-            writer.write({"kind": "eval", "step": cfg.steps, "eval_accuracy": acc_after})
+            writer.write({"kind": "eval", "step": cfg.steps, **ev})
     summary = {}
     if info.main:
         final = run_dir / "final"
@@ -422,6 +430,9 @@ def _summary(cfg, records: list[dict], run_dir: Path, seconds: float) -> dict:
         "accuracy_before": evals[0]["eval_accuracy"] if evals and evals[0]["step"] == 0 else None,
         "accuracy_after": evals[-1]["eval_accuracy"] if evals else None,
         "eval_problems": cfg.eval_problems,
+        # per held-out problem, in order, 1 = solved (greedy): paired comparisons resample these
+        "eval_correct_before": evals[0].get("correct") if evals and evals[0]["step"] == 0 else None,
+        "eval_correct_after": evals[-1].get("correct") if evals else None,
         "weight_auroc_mean": sum(aucs) / len(aucs) if aucs else None,
         "weight_auroc_batches": len(aucs),
         "train_correct_share_first10": _mean([r["correct_share"] for r in train[:10]]),

@@ -1,0 +1,364 @@
+"""A grid of arms x seeds from one start, run sequentially and resumably, with a paired report.
+
+    python -m renio_kernels.train.experiment --grid GRID.yaml --out experiments/NAME
+    renio-train experiment --grid GRID.yaml --out experiments/NAME      # the same
+    python -m renio_kernels.train.experiment --out experiments/NAME --report-only
+
+The grid file (YAML): ``common`` (``renio-train`` config keys of every run, e.g. the student, the
+teacher, ``steps``), ``seeds``, ``reference`` (the arm the others are compared with) and ``arms``:
+each a name -> ``flags`` (config keys laid over ``common``), optionally its own ``seeds`` and
+``reference``, and ``kind: sft`` for the supervised control (``renio-train sft --init <student>``
+on the reference solutions; ``flags`` are then the sft subcommand's ``steps``, ``batch_size``,
+``lr``, ``warmup_steps``). docs/experiments.md describes the grids shipped in experiments/.
+
+Layout of ``--out``: ``grid.yaml`` (a copy), ``configs/ARM/seed-S.yaml`` (each run's config),
+``runs/ARM/seed-S/`` (the run directories: checkpoints and models, not for version control),
+``summaries/ARM/seed-S.json`` (small; per held-out problem correctness before/after and the
+run's weight statistics) and ``report.md``. A run whose summary exists is skipped; a run
+directory with a checkpoint but no ``COMPLETE`` is resumed (``--resume``); so is a stopped
+grid, by running the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .metrics import read_metrics
+from .stats import bootstrap_mean, paired_difference
+
+__all__ = ["load_grid", "main", "plan", "report", "run_grid"]
+
+# Quiet, small runs by default; a grid's ``common`` or an arm's ``flags`` can still turn these on.
+RUN_DEFAULTS = {"progress": False, "plots": False, "tensorboard": False}
+SFT_KEYS = ("steps", "batch_size", "lr", "warmup_steps")
+
+
+def _keys(flags: dict | None, where: str) -> dict:
+    if flags is None:
+        return {}
+    if not isinstance(flags, dict):
+        raise ValueError(f"{where} must be a mapping of config key: value, got {flags!r}")
+    return {str(k).replace("-", "_"): v for k, v in flags.items()}
+
+
+def load_grid(path: str | Path) -> dict:
+    """The grid file, checked: every arm has seeds and an existing reference arm."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file {str(path)!r} does not exist")
+    grid = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    arms = grid.get("arms")
+    if not isinstance(arms, dict) or not arms:
+        raise ValueError(f"grid file {str(path)!r}: 'arms' must map arm names to their flags")
+    common = _keys(grid.get("common"), "common")
+    seeds = grid.get("seeds", [0])
+    reference = grid.get("reference")
+    out = {"common": common, "reference": reference, "arms": {}}
+    for name, arm in arms.items():
+        arm = arm or {}
+        kind = arm.get("kind", "distill")
+        if kind not in ("distill", "sft"):
+            raise ValueError(f"arm {name!r}: kind must be 'distill' or 'sft', got {kind!r}")
+        flags = _keys(arm.get("flags"), f"arm {name!r}: flags")
+        if kind == "sft" and set(flags) - set(SFT_KEYS):
+            raise ValueError(
+                f"arm {name!r} (kind sft): flags may only be {SFT_KEYS}, got "
+                f"{sorted(set(flags) - set(SFT_KEYS))}"
+            )
+        arm_seeds = [int(s) for s in arm.get("seeds", seeds)]
+        if not arm_seeds or len(set(arm_seeds)) != len(arm_seeds):
+            raise ValueError(f"arm {name!r}: seeds must be distinct integers, got {arm_seeds}")
+        ref = arm.get("reference", reference)
+        if ref is not None and ref not in arms:
+            raise ValueError(f"arm {name!r}: reference {ref!r} is not an arm of the grid")
+        out["arms"][str(name)] = {
+            "kind": kind,
+            "flags": flags,
+            "seeds": arm_seeds,
+            "reference": None if ref == name else ref,
+        }
+    return out
+
+
+def plan(grid: dict) -> list[tuple[str, int, dict]]:
+    """Every run of the grid as (arm, seed, config): seed-major, so that a stopped grid has
+    every arm's first seeds before any arm's later ones."""
+    runs = []
+    seeds = sorted({s for arm in grid["arms"].values() for s in arm["seeds"]})
+    for seed in seeds:
+        for name, arm in grid["arms"].items():
+            if seed not in arm["seeds"]:
+                continue
+            if arm["kind"] == "sft":
+                config = {**arm["flags"], "seed": seed}
+            else:
+                config = {**RUN_DEFAULTS, **grid["common"], **arm["flags"], "seed": seed}
+            runs.append((name, seed, config))
+    return runs
+
+
+def _execute(argv: list[str], in_process: bool) -> None:
+    if in_process:
+        if argv[0] == "sft":
+            from .sft import main as sft_main
+
+            sft_main(argv[1:])
+        else:
+            from .loop import main as train_main
+
+            train_main(argv)
+        return
+    cmd = [sys.executable, "-m", "renio_kernels.train", *argv]
+    subprocess.run(cmd, check=True)
+
+
+def _distill_run(config_path: Path, run_dir: Path, in_process: bool) -> None:
+    if (run_dir / "COMPLETE").is_file():
+        return
+    has_checkpoint = any((run_dir / "checkpoints").glob("step-*"))
+    if has_checkpoint:
+        argv = ["--config", str(config_path), "--resume", str(run_dir)]
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # stopped before its first checkpoint
+        argv = ["--config", str(config_path), "--out", str(run_dir)]
+    _execute(argv, in_process)
+
+
+def _sft_run(config: dict, common: dict, run_dir: Path, in_process: bool) -> None:
+    """The supervised control: fine-tune the start student on the reference solutions, then
+    evaluate it on the distillation runs' held-out problems into a summary of the same form."""
+    if (run_dir / "COMPLETE").is_file():
+        return
+    from .config import TrainConfig, typed_value
+
+    base = TrainConfig(**{k: typed_value(k, v, "grid 'common'") for k, v in common.items()})
+    shutil.rmtree(run_dir, ignore_errors=True)
+    argv = ["sft", "--init", base.student, "--out", str(run_dir / "final"), "--eval-problems", "0"]
+    for key, value in config.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    if base.threads:
+        argv += ["--threads", str(base.threads)]
+    t0 = time.perf_counter()
+    _execute(argv, in_process)
+    before = _held_out_correct(base, base.student)
+    after = _held_out_correct(base, str(run_dir / "final"))
+    summary = {
+        "objective": "sft",
+        "mode": None,
+        "steps": config.get("steps"),
+        "accuracy_before": sum(before) / len(before),
+        "accuracy_after": sum(after) / len(after),
+        "eval_problems": len(after),
+        "eval_correct_before": "".join("1" if c else "0" for c in before),
+        "eval_correct_after": "".join("1" if c else "0" for c in after),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "COMPLETE").write_text("sft\n")
+
+
+def _held_out_correct(cfg, model_dir: str) -> list[bool]:
+    import torch
+
+    from .evaluate import evaluate
+    from .loop import _load_data
+    from .models import load_model, load_tokenizer
+
+    torch.set_num_threads(cfg.threads or 1)
+    _, held_out = _load_data(cfg)
+    model = load_model(model_dir, "model", "sdpa").eval()
+    tokenizer = load_tokenizer(model_dir, "model")
+    result = evaluate(
+        model,
+        tokenizer,
+        held_out,
+        cfg.prompt_template,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.eval_batch_size,
+    )
+    return result["correct"]
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _record(arm: str, seed: int, config: dict, run_dir: Path) -> dict:
+    """The small per-run record kept under ``summaries/``: the run's summary plus the means of
+    its per-step weight statistics over the run."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    train = []
+    if (run_dir / "metrics.jsonl").is_file():
+        train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    spreads = [
+        r["weight_max"] - r["weight_min"]
+        for r in train
+        if r.get("weight_max") is not None and r.get("weight_min") is not None
+    ]
+    return {
+        "arm": arm,
+        "seed": seed,
+        "config": config,
+        **{k: v for k, v in summary.items() if k != "run_dir"},
+        "selected_fraction_mean": _mean([r.get("selected_fraction") for r in train]),
+        "weight_spread_mean": _mean(spreads),
+        "weight_mean_correct_mean": _mean([r.get("weight_mean_correct") for r in train]),
+        "weight_mean_incorrect_mean": _mean([r.get("weight_mean_incorrect") for r in train]),
+    }
+
+
+def run_grid(grid_path: str | Path, out: str | Path, *, in_process: bool = False) -> list[dict]:
+    """Run every run of the grid that has no summary yet; returns the list of what happened."""
+    import yaml
+
+    grid = load_grid(grid_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if Path(grid_path).resolve() != (out / "grid.yaml").resolve():
+        shutil.copyfile(grid_path, out / "grid.yaml")  # the report reads the arms from here
+    (out / ".gitignore").write_text("runs/\n")  # checkpoints and models: large, not the record
+    done = []
+    runs = plan(grid)
+    for i, (arm, seed, config) in enumerate(runs, 1):
+        tag = f"[{i}/{len(runs)}] {arm} seed {seed}"
+        summary_path = out / "summaries" / arm / f"seed-{seed}.json"
+        if summary_path.is_file():
+            kept = json.loads(summary_path.read_text())
+            if kept.get("config") != config:
+                raise ValueError(
+                    f"{summary_path} was run with another config than the grid's now "
+                    f"({kept.get('config')} vs {config}): use a new --out for a changed grid, "
+                    "or delete that summary to rerun it"
+                )
+            print(f"{tag}: done (summary kept)", flush=True)
+            done.append({"arm": arm, "seed": seed, "status": "skipped"})
+            continue
+        config_path = out / "configs" / arm / f"seed-{seed}.yaml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        run_dir = out / "runs" / arm / f"seed-{seed}"
+        print(f"{tag}: running in {run_dir}", flush=True)
+        t0 = time.perf_counter()
+        if grid["arms"][arm]["kind"] == "sft":
+            _sft_run(config, {**RUN_DEFAULTS, **grid["common"]}, run_dir, in_process)
+        else:
+            _distill_run(config_path, run_dir, in_process)
+        record = _record(arm, seed, config, run_dir)
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"{tag}: finished in {time.perf_counter() - t0:.0f}s", flush=True)
+        done.append({"arm": arm, "seed": seed, "status": "ran"})
+    return done
+
+
+def _bits(text: str | None) -> list[int] | None:
+    return None if text is None else [int(c) for c in text]
+
+
+def _fmt(x, pct: bool = True) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:.3f}"
+
+
+def report(out: str | Path, *, n_boot: int = 4000) -> str:
+    """``report.md`` from the summaries under ``out`` (and the grid's arms and references)."""
+    out = Path(out)
+    grid = load_grid(out / "grid.yaml")
+    records: dict[str, dict[int, dict]] = {}
+    for path in sorted((out / "summaries").glob("*/seed-*.json")):
+        r = json.loads(path.read_text())
+        records.setdefault(r["arm"], {})[r["seed"]] = r
+    lines = [
+        "| arm | seeds | acc before | acc after [95% CI] | vs | difference [95% CI] | "
+        "weight AUROC | selected | weight spread |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    befores = set()
+    for name, arm in grid["arms"].items():
+        runs = records.get(name, {})
+        seeds = [s for s in arm["seeds"] if s in runs]
+        if not seeds:
+            lines.append(f"| {name} | 0 | - | - | - | - | - | - | - |")
+            continue
+        after = [_bits(runs[s]["eval_correct_after"]) for s in seeds]
+        befores |= {runs[s]["eval_correct_before"] for s in seeds}
+        acc = bootstrap_mean(after, n_boot=n_boot)
+        before = _mean([runs[s]["accuracy_before"] for s in seeds])
+        ref, diff_text = arm["reference"], "-"
+        if ref is not None:
+            common = [s for s in seeds if s in records.get(ref, {})]
+            if common:
+                d = paired_difference(
+                    [_bits(runs[s]["eval_correct_after"]) for s in common],
+                    [_bits(records[ref][s]["eval_correct_after"]) for s in common],
+                    n_boot=n_boot,
+                )
+                diff_text = (
+                    f"{100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+                    + (f" ({len(common)} seeds)" if len(common) != len(seeds) else "")
+                )
+        lines.append(
+            f"| {name} | {len(seeds)} | {_fmt(before)} | {_fmt(acc.estimate)} "
+            f"[{_fmt(acc.low)}, {_fmt(acc.high)}] | {ref or '-'} | {diff_text} | "
+            f"{_fmt(_mean([runs[s].get('weight_auroc_mean') for s in seeds]), False)} | "
+            f"{_fmt(_mean([runs[s].get('selected_fraction_mean') for s in seeds]), False)} | "
+            f"{_fmt(_mean([runs[s].get('weight_spread_mean') for s in seeds]), False)} |"
+        )
+    if len(befores) > 1:
+        notes.append(
+            "WARNING: the runs' held-out correctness before training differs: they did not all "
+            "start from the same checkpoint, or not on the same held-out problems."
+        )
+    n_problems = {len(r["eval_correct_after"]) for arm in records.values() for r in arm.values()}
+    text = "\n".join(
+        [
+            f"# Experiment report: {out.name}",
+            "",
+            f"Held-out problems per run: {sorted(n_problems)}. Accuracies in percent (greedy); "
+            "CIs: 95% percentile bootstrap over seeds and held-out problems (two-way, "
+            f"{n_boot} resamples); differences are paired (same seeds, same problems) against "
+            "the arm in `vs`. Weight AUROC, selected token fraction (r >= threshold) and weight "
+            "spread (max - min in a step) are means over steps and seeds (with ReNIO off: of "
+            "the weights ReNIO would have given).",
+            "",
+            *lines,
+            *([""] + notes if notes else []),
+            "",
+        ]
+    )
+    (out / "report.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(
+        prog="renio-train experiment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--grid", help="grid YAML (default: OUT/grid.yaml, to continue a grid)")
+    p.add_argument("--out", required=True, help="experiment directory")
+    p.add_argument("--report-only", action="store_true", help="only rewrite OUT/report.md")
+    p.add_argument("--bootstrap", type=int, default=4000, help="bootstrap resamples")
+    args = p.parse_args(argv)
+    if not args.report_only:
+        grid = args.grid or str(Path(args.out) / "grid.yaml")
+        run_grid(grid, args.out)
+    text = report(args.out, n_boot=args.bootstrap)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
