@@ -304,9 +304,8 @@ def report(out: str | Path, *, n_boot: int = 4000) -> str:
                     [_bits(records[ref][s]["eval_correct_after"]) for s in common],
                     n_boot=n_boot,
                 )
-                diff_text = (
-                    f"{100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
-                    + (f" ({len(common)} seeds)" if len(common) != len(seeds) else "")
+                diff_text = f"{100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" + (
+                    f" ({len(common)} seeds)" if len(common) != len(seeds) else ""
                 )
         lines.append(
             f"| {name} | {len(seeds)} | {_fmt(before)} | {_fmt(acc.estimate)} "
@@ -328,9 +327,10 @@ def report(out: str | Path, *, n_boot: int = 4000) -> str:
             f"Held-out problems per run: {sorted(n_problems)}. Accuracies in percent (greedy); "
             "CIs: 95% percentile bootstrap over seeds and held-out problems (two-way, "
             f"{n_boot} resamples); differences are paired (same seeds, same problems) against "
-            "the arm in `vs`. Weight AUROC, selected token fraction (r >= threshold) and weight "
-            "spread (max - min in a step) are means over steps and seeds (with ReNIO off: of "
-            "the weights ReNIO would have given).",
+            "the arm in `vs`. Weight AUROC (incorrect vs correct SGOs; with ReNIO off, of the "
+            "weights ReNIO would have given), selected token fraction (r >= threshold) and "
+            "weight spread (max - min of the weights applied in a step) are means over steps "
+            "and seeds.",
             "",
             *lines,
             *([""] + notes if notes else []),

@@ -67,9 +67,7 @@ def _interval(estimate: float, draws: np.ndarray, level: float) -> Interval:
     return Interval(float(estimate), float(low), float(high), level)
 
 
-def bootstrap_mean(
-    outcomes, *, n_boot: int = 4000, level: float = 0.95, seed: int = 0
-) -> Interval:
+def bootstrap_mean(outcomes, *, n_boot: int = 4000, level: float = 0.95, seed: int = 0) -> Interval:
     """An arm's mean outcome with its two-way (seeds x problems) bootstrap interval."""
     m = _matrix(outcomes, "outcomes")
     rng = np.random.default_rng(seed)
