@@ -59,6 +59,9 @@ def load_grid(path: str | Path) -> dict:
     if not isinstance(arms, dict) or not arms:
         raise ValueError(f"grid file {str(path)!r}: 'arms' must map arm names to their flags")
     common = _keys(grid.get("common"), "common")
+    from .config import TrainConfig
+
+    known = set(TrainConfig.__dataclass_fields__)
     seeds = grid.get("seeds", [0])
     reference = grid.get("reference")
     out = {"common": common, "reference": reference, "arms": {}}
@@ -72,6 +75,13 @@ def load_grid(path: str | Path) -> dict:
             raise ValueError(
                 f"arm {name!r} (kind sft): flags may only be {SFT_KEYS}, got "
                 f"{sorted(set(flags) - set(SFT_KEYS))}"
+            )
+        unknown = sorted(set(flags if kind == "distill" else {}) - known)
+        if unknown or set(common) - known:
+            raise ValueError(
+                f"grid file {str(path)!r}: unknown renio-train config key(s) "
+                f"{unknown or sorted(set(common) - known)} (arm {name!r} or common): the keys "
+                "are renio-train's flag names, e.g. steps, objective, sgo_filter"
             )
         arm_seeds = [int(s) for s in arm.get("seeds", seeds)]
         if not arm_seeds or len(set(arm_seeds)) != len(arm_seeds):
@@ -144,8 +154,8 @@ def _sft_run(config: dict, common: dict, run_dir: Path, in_process: bool) -> Non
     argv = ["sft", "--init", base.student, "--out", str(run_dir / "final"), "--eval-problems", "0"]
     for key, value in config.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    if base.threads:
-        argv += ["--threads", str(base.threads)]
+    # one thread unless the grid says otherwise, as renio-train's CPU default (sft's is torch's)
+    argv += ["--threads", str(base.threads or 1)]
     t0 = time.perf_counter()
     _execute(argv, in_process)
     before = _held_out_correct(base, base.student)
@@ -278,6 +288,13 @@ def report(out: str | Path, *, n_boot: int = 4000) -> str:
     for path in sorted((out / "summaries").glob("*/seed-*.json")):
         r = json.loads(path.read_text())
         records.setdefault(r["arm"], {})[r["seed"]] = r
+    n_problems = {len(r["eval_correct_after"]) for arm in records.values() for r in arm.values()}
+    if len(n_problems) > 1:
+        raise ValueError(
+            f"the summaries under {out} were evaluated on different numbers of held-out problems "
+            f"{sorted(n_problems)}: they cannot be paired; rerun the odd ones with the grid's "
+            "eval_problems"
+        )
     lines = [
         "| arm | seeds | acc before | acc after [95% CI] | vs | difference [95% CI] | "
         "weight AUROC | selected | weight spread |",
@@ -319,7 +336,6 @@ def report(out: str | Path, *, n_boot: int = 4000) -> str:
             "WARNING: the runs' held-out correctness before training differs: they did not all "
             "start from the same checkpoint, or not on the same held-out problems."
         )
-    n_problems = {len(r["eval_correct_after"]) for arm in records.values() for r in arm.values()}
     text = "\n".join(
         [
             f"# Experiment report: {out.name}",

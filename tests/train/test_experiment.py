@@ -203,6 +203,9 @@ def test_bad_grids(tmp_path):
     bad.write_text(yaml.safe_dump({"arms": {"a": {"kind": "sft", "flags": {"beta": 1}}}}))
     with pytest.raises(ValueError, match="may only be"):
         load_grid(bad)
+    bad.write_text(yaml.safe_dump({"arms": {"a": {"flags": {"stepz": 3}}}}))
+    with pytest.raises(ValueError, match=r"unknown renio-train config key\(s\) \['stepz'\]"):
+        load_grid(bad)
     bad.write_text(yaml.safe_dump({"arms": {"a": {"seeds": [1, 1]}}}))
     with pytest.raises(ValueError, match="distinct"):
         load_grid(bad)
