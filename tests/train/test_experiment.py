@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from renio_kernels.train.__main__ import main as cli
+from renio_kernels.train.config import TrainConfig, typed_value
 from renio_kernels.train.experiment import load_grid, main, plan, report, run_grid
 from renio_kernels.train.loop import main as train_main
 from renio_kernels.train.metrics import read_metrics
@@ -218,6 +219,9 @@ def test_shipped_grids_parse(name):
     grid = load_grid(Path(__file__).parents[2] / "experiments" / f"{name}.yaml")
     runs = plan(grid)
     assert {"renio", "opd"} <= set(grid["arms"])
+    for arm, _, config in runs:  # every run's config is one renio-train accepts
+        if grid["arms"][arm]["kind"] == "distill":
+            TrainConfig(**{k: typed_value(k, v, arm) for k, v in config.items()}).validate()
     if name == "default":
         seeds = {a: len(v["seeds"]) for a, v in grid["arms"].items()}
         assert min(seeds["renio"], seeds["opd"], seeds["renio-opsd"], seeds["opd-opsd"]) >= 5
