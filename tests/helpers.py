@@ -78,6 +78,15 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / denom)
 
 
+def assert_parity(loss, grad, ref, ref_grad, dtype: torch.dtype) -> None:
+    """The loss in fp32 and the gradient in the logits' dtype, finite, each within the dtype's
+    tolerance of the float64 reference."""
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.isfinite(grad).all()
+    assert rel_err(loss, ref) <= LOSS_RTOL[dtype], (float(loss), float(ref))
+    assert rel_err(grad, ref_grad) <= GRAD_RTOL[dtype]
+
+
 def _core_backends() -> list:
     """Backends the core parity suite runs: torch and triton everywhere, plus the native CPU
     kernel when the tensors live on the CPU (skipped, with the build error, if it cannot build)."""

@@ -13,8 +13,7 @@ from renio_kernels import reference
 from tests.helpers import (
     CORE_BACKENDS,
     DEVICE,
-    GRAD_RTOL,
-    LOSS_RTOL,
+    assert_parity,
     make_inputs,
     ref_loss_and_grad,
     rel_err,
@@ -38,10 +37,7 @@ def check(backend, dtype=torch.float32, grad_scale=-2.5, inputs=None, **kw):
         s, t, labels, grad_scale=grad_scale, return_stats=True, **kw
     )
     loss, stats, grad = run(backend, s, t, labels, grad_scale=grad_scale, **kw)
-    assert loss.dtype == torch.float32 and grad.dtype == s.dtype
-    assert torch.isfinite(grad).all()
-    assert rel_err(loss, ref) <= LOSS_RTOL[dtype], (float(loss), float(ref))
-    assert rel_err(grad, ref_grad) <= GRAD_RTOL[dtype]
+    assert_parity(loss, grad, ref, ref_grad, s.dtype)
     torch.testing.assert_close(
         stats["weights"].cpu().double(), ref_stats["weights"], rtol=1e-4, atol=1e-5
     )
