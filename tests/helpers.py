@@ -87,6 +87,21 @@ def assert_parity(loss, grad, ref, ref_grad, dtype: torch.dtype) -> None:
     assert rel_err(grad, ref_grad) <= GRAD_RTOL[dtype]
 
 
+def assert_compiled_matches_eager(fn, s: torch.Tensor, grad_scale: float = 1.7) -> None:
+    """``torch.compile(fn, backend="aot_eager")`` gives eager's loss and gradient (of
+    ``grad_scale * fn(x)`` at ``x = s``)."""
+
+    def grads(f):
+        x = s.clone().requires_grad_()
+        loss = f(x)
+        (loss * grad_scale).backward()
+        return loss.detach(), x.grad
+
+    torch._dynamo.reset()
+    for got, want in zip(grads(torch.compile(fn, backend="aot_eager")), grads(fn), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def _core_backends() -> list:
     """Backends the core parity suite runs: torch and triton everywhere, plus the native CPU
     kernel when the tensors live on the CPU (skipped, with the build error, if it cannot build)."""

@@ -11,6 +11,7 @@ from tests.helpers import (
     CORE_BACKENDS,
     DEVICE,
     TRITON_DTYPES,
+    assert_compiled_matches_eager,
     assert_parity,
     make_inputs,
     ref_loss_and_grad,
@@ -185,15 +186,7 @@ def test_compiled_equals_eager():
     def fn(x):
         return rk.renio_loss(x, t, labels, top_k=4, beta=0.5, token_clip=0.05, threshold=0.1)
 
-    def grads(f):
-        x = s.clone().requires_grad_()
-        loss = f(x)
-        (loss * 1.7).backward()
-        return loss.detach(), x.grad
-
-    torch._dynamo.reset()
-    for got, want in zip(grads(torch.compile(fn, backend="aot_eager")), grads(fn), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert_compiled_matches_eager(fn, s)
 
 
 def test_inf_teacher_logits_and_views():
