@@ -27,10 +27,11 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .metrics import read_metrics
-from .stats import bootstrap_mean, paired_difference
+from .stats import Interval, bootstrap_mean, paired_difference
 
 __all__ = ["load_grid", "main", "plan", "report", "run_grid"]
 
@@ -202,44 +203,76 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+# per-step weight statistics are kept as means over this many consecutive blocks of steps:
+# neighbouring steps are correlated, blocks much less, so the report resamples seeds x blocks
+STAT_BLOCKS = 10
+WEIGHT_STATS = ("weight_auroc", "selected_fraction", "weight_spread")
+
+
+def _block_means(values: list, blocks: int = STAT_BLOCKS) -> list:
+    """``values`` (one per step, None where undefined) as means over ``blocks`` runs of
+    consecutive steps; None for a block without a value."""
+    n = len(values)
+    k = min(blocks, n)
+    out = []
+    for b in range(k):
+        chunk = [v for v in values[b * n // k : (b + 1) * n // k] if v is not None]
+        out.append(sum(chunk) / len(chunk) if chunk else None)
+    return out
+
+
 def _record(arm: str, seed: int, config: dict, run_dir: Path) -> dict:
-    """The small per-run record kept under ``summaries/``: the run's summary plus the means of
-    its per-step weight statistics over the run."""
+    """The small per-run record kept under ``summaries/``: the run's summary plus its per-step
+    weight statistics as means over the run and over ``STAT_BLOCKS`` blocks of steps."""
     summary = json.loads((run_dir / "summary.json").read_text())
     train = []
     if (run_dir / "metrics.jsonl").is_file():
         train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
-    spreads = [
-        r["weight_max"] - r["weight_min"]
-        for r in train
-        if r.get("weight_max") is not None and r.get("weight_min") is not None
-    ]
+    per_step = {
+        "weight_auroc": [r.get("weight_auroc") for r in train],
+        "selected_fraction": [r.get("selected_fraction") for r in train],
+        "weight_spread": [
+            r["weight_max"] - r["weight_min"]
+            if r.get("weight_max") is not None and r.get("weight_min") is not None
+            else None
+            for r in train
+        ],
+    }
     return {
         "arm": arm,
         "seed": seed,
         "config": config,
         **{k: v for k, v in summary.items() if k != "run_dir"},
-        "selected_fraction_mean": _mean([r.get("selected_fraction") for r in train]),
-        "weight_spread_mean": _mean(spreads),
+        "selected_fraction_mean": _mean(per_step["selected_fraction"]),
+        "weight_spread_mean": _mean(per_step["weight_spread"]),
         "weight_mean_correct_mean": _mean([r.get("weight_mean_correct") for r in train]),
         "weight_mean_incorrect_mean": _mean([r.get("weight_mean_incorrect") for r in train]),
+        **{f"{k}_blocks": _block_means(v) for k, v in per_step.items() if train},
     }
 
 
-def run_grid(grid_path: str | Path, out: str | Path, *, in_process: bool = False) -> list[dict]:
-    """Run every run of the grid that has no summary yet; returns the list of what happened."""
+def run_grid(
+    grid_path: str | Path, out: str | Path, *, in_process: bool = False, jobs: int = 1
+) -> list[dict]:
+    """Run every run of the grid that has no summary yet, ``jobs`` at a time (each its own
+    subprocess; renio-train runs one torch thread on a CPU, so ``jobs`` = the cores is the
+    natural choice); returns the list of what happened, in the grid's order."""
     import yaml
 
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if in_process and jobs > 1:
+        raise ValueError("in-process runs cannot run in parallel: use jobs=1")
     grid = load_grid(grid_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if Path(grid_path).resolve() != (out / "grid.yaml").resolve():
         shutil.copyfile(grid_path, out / "grid.yaml")  # the report reads the arms from here
     (out / ".gitignore").write_text("runs/\n")  # checkpoints and models: large, not the record
-    done = []
     runs = plan(grid)
-    for i, (arm, seed, config) in enumerate(runs, 1):
-        tag = f"[{i}/{len(runs)}] {arm} seed {seed}"
+    done: list[dict | None] = [None] * len(runs)
+    pending = []
+    for i, (arm, seed, config) in enumerate(runs):
         summary_path = out / "summaries" / arm / f"seed-{seed}.json"
         if summary_path.is_file():
             kept = json.loads(summary_path.read_text())
@@ -249,9 +282,14 @@ def run_grid(grid_path: str | Path, out: str | Path, *, in_process: bool = False
                     f"({kept.get('config')} vs {config}): use a new --out for a changed grid, "
                     "or delete that summary to rerun it"
                 )
-            print(f"{tag}: done (summary kept)", flush=True)
-            done.append({"arm": arm, "seed": seed, "status": "skipped"})
-            continue
+            print(f"[{i + 1}/{len(runs)}] {arm} seed {seed}: done (summary kept)", flush=True)
+            done[i] = {"arm": arm, "seed": seed, "status": "skipped"}
+        else:
+            pending.append(i)
+
+    def one(i: int) -> None:
+        arm, seed, config = runs[i]
+        tag = f"[{i + 1}/{len(runs)}] {arm} seed {seed}"
         config_path = out / "configs" / arm / f"seed-{seed}.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -263,11 +301,28 @@ def run_grid(grid_path: str | Path, out: str | Path, *, in_process: bool = False
         else:
             _distill_run(config_path, run_dir, in_process)
         record = _record(arm, seed, config, run_dir)
+        summary_path = out / "summaries" / arm / f"seed-{seed}.json"
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(record, indent=1) + "\n")
         print(f"{tag}: finished in {time.perf_counter() - t0:.0f}s", flush=True)
-        done.append({"arm": arm, "seed": seed, "status": "ran"})
-    return done
+        done[i] = {"arm": arm, "seed": seed, "status": "ran"}
+
+    if jobs == 1:
+        for i in pending:
+            one(i)
+    else:
+        # a failed run stops new ones from starting; the ones running finish (and stay
+        # resumable), then the first failure is raised
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(one, i) for i in pending]
+            for future in as_completed(futures):
+                if future.exception() is not None:
+                    for f in futures:
+                        f.cancel()
+            errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+        if errors:
+            raise errors[0]
+    return [d for d in done if d is not None]
 
 
 def _bits(text: str | None) -> list[int] | None:
@@ -280,8 +335,58 @@ def _fmt(x, pct: bool = True) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3f}"
 
 
-def report(out: str | Path, *, n_boot: int = 4000) -> str:
-    """``report.md`` from the summaries under ``out`` (and the grid's arms and references)."""
+def _weight_stat(runs: list[dict], key: str, n_boot: int):
+    """An arm's mean of a weight statistic with a two-way (seeds x blocks of steps) bootstrap
+    interval; the plain mean over seeds (a float) for summaries kept before blocks were
+    recorded; None when no run has it."""
+    blocks = [r.get(f"{key}_blocks") for r in runs]
+    if all(blocks) and len({len(b) for b in blocks}) == 1:
+        keep = [j for j in range(len(blocks[0])) if all(b[j] is not None for b in blocks)]
+        if keep:
+            return bootstrap_mean([[b[j] for j in keep] for b in blocks], n_boot=n_boot)
+    return _mean([r.get(f"{key}_mean") for r in runs])
+
+
+def _fmt_stat(x) -> str:
+    if isinstance(x, Interval):
+        return f"{x.estimate:.3f} [{x.low:.3f}, {x.high:.3f}]"
+    return _fmt(x, False)
+
+
+def _arm_rows(grid: dict, records: dict, n_boot: int) -> list[dict]:
+    """Per arm of the grid: seeds run, accuracy before, accuracy after and the paired
+    difference to its reference (Intervals), the weight statistics, the AUROC per block."""
+    rows = []
+    for name, arm in grid["arms"].items():
+        runs = records.get(name, {})
+        seeds = [s for s in arm["seeds"] if s in runs]
+        row = {"arm": name, "seeds": seeds, "reference": arm["reference"], "difference": None}
+        rows.append(row)
+        if not seeds:
+            continue
+        row["before"] = _mean([runs[s]["accuracy_before"] for s in seeds])
+        row["after"] = bootstrap_mean(
+            [_bits(runs[s]["eval_correct_after"]) for s in seeds], n_boot=n_boot
+        )
+        ref = arm["reference"]
+        common = [s for s in seeds if s in records.get(ref, {})] if ref else []
+        if common:
+            row["difference"] = paired_difference(
+                [_bits(runs[s]["eval_correct_after"]) for s in common],
+                [_bits(records[ref][s]["eval_correct_after"]) for s in common],
+                n_boot=n_boot,
+            )
+            row["difference_seeds"] = common
+        for key in WEIGHT_STATS:
+            row[key] = _weight_stat([runs[s] for s in seeds], key, n_boot)
+        row["auroc_blocks"] = [runs[s].get("weight_auroc_blocks") for s in seeds]
+        row["befores"] = {runs[s]["eval_correct_before"] for s in seeds}
+    return rows
+
+
+def report(out: str | Path, *, n_boot: int = 4000, plot: bool = True) -> str:
+    """``report.md`` (and ``report.png`` with ``plot``) from the summaries under ``out`` and the
+    grid's arms and references."""
     out = Path(out)
     grid = load_grid(out / "grid.yaml")
     records: dict[str, dict[int, dict]] = {}
@@ -295,47 +400,39 @@ def report(out: str | Path, *, n_boot: int = 4000) -> str:
             f"{sorted(n_problems)}: they cannot be paired; rerun the odd ones with the grid's "
             "eval_problems"
         )
+    rows = _arm_rows(grid, records, n_boot)
     lines = [
         "| arm | seeds | acc before | acc after [95% CI] | vs | difference [95% CI] | "
         "weight AUROC | selected | weight spread |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    notes = []
-    befores = set()
-    for name, arm in grid["arms"].items():
-        runs = records.get(name, {})
-        seeds = [s for s in arm["seeds"] if s in runs]
-        if not seeds:
-            lines.append(f"| {name} | 0 | - | - | - | - | - | - | - |")
+    for row in rows:
+        if not row["seeds"]:
+            lines.append(f"| {row['arm']} | 0 | - | - | - | - | - | - | - |")
             continue
-        after = [_bits(runs[s]["eval_correct_after"]) for s in seeds]
-        befores |= {runs[s]["eval_correct_before"] for s in seeds}
-        acc = bootstrap_mean(after, n_boot=n_boot)
-        before = _mean([runs[s]["accuracy_before"] for s in seeds])
-        ref, diff_text = arm["reference"], "-"
-        if ref is not None:
-            common = [s for s in seeds if s in records.get(ref, {})]
-            if common:
-                d = paired_difference(
-                    [_bits(runs[s]["eval_correct_after"]) for s in common],
-                    [_bits(records[ref][s]["eval_correct_after"]) for s in common],
-                    n_boot=n_boot,
-                )
-                diff_text = f"{100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" + (
-                    f" ({len(common)} seeds)" if len(common) != len(seeds) else ""
-                )
+        acc, d, n = row["after"], row["difference"], len(row["seeds"])
+        diff_text = "-"
+        if d is not None:
+            diff_text = f"{100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+            if len(row["difference_seeds"]) != n:
+                diff_text += f" ({len(row['difference_seeds'])} seeds)"
         lines.append(
-            f"| {name} | {len(seeds)} | {_fmt(before)} | {_fmt(acc.estimate)} "
-            f"[{_fmt(acc.low)}, {_fmt(acc.high)}] | {ref or '-'} | {diff_text} | "
-            f"{_fmt(_mean([runs[s].get('weight_auroc_mean') for s in seeds]), False)} | "
-            f"{_fmt(_mean([runs[s].get('selected_fraction_mean') for s in seeds]), False)} | "
-            f"{_fmt(_mean([runs[s].get('weight_spread_mean') for s in seeds]), False)} |"
+            f"| {row['arm']} | {n} | {_fmt(row['before'])} | {_fmt(acc.estimate)} "
+            f"[{_fmt(acc.low)}, {_fmt(acc.high)}] | {row['reference'] or '-'} | {diff_text} | "
+            + " | ".join(_fmt_stat(row[k]) for k in WEIGHT_STATS)
+            + " |"
         )
-    if len(befores) > 1:
+    notes = []
+    if len(set().union(*(row.get("befores", set()) for row in rows))) > 1:
         notes.append(
             "WARNING: the runs' held-out correctness before training differs: they did not all "
             "start from the same checkpoint, or not on the same held-out problems."
         )
+    if plot and any(row["seeds"] for row in rows):
+        from .plots import experiment_plot
+
+        experiment_plot(out / "report.png", rows)
+        notes.append("![accuracy, differences and weight AUROC per arm](report.png)")
     text = "\n".join(
         [
             f"# Experiment report: {out.name}",
@@ -346,7 +443,8 @@ def report(out: str | Path, *, n_boot: int = 4000) -> str:
             "the arm in `vs`. Weight AUROC (incorrect vs correct SGOs; with ReNIO off, of the "
             "weights ReNIO would have given), selected token fraction (r >= threshold) and "
             "weight spread (max - min of the weights applied in a step) are means over steps "
-            "and seeds.",
+            "and seeds, with 95% bootstrap intervals over seeds and the run's "
+            f"{STAT_BLOCKS} blocks of consecutive steps (none for summaries without blocks).",
             "",
             *lines,
             *([""] + notes if notes else []),
@@ -365,12 +463,21 @@ def main(argv: list[str] | None = None) -> str:
     )
     p.add_argument("--grid", help="grid YAML (default: OUT/grid.yaml, to continue a grid)")
     p.add_argument("--out", required=True, help="experiment directory")
-    p.add_argument("--report-only", action="store_true", help="only rewrite OUT/report.md")
+    p.add_argument(
+        "--report-only", action="store_true", help="only rewrite OUT/report.md and report.png"
+    )
     p.add_argument("--bootstrap", type=int, default=4000, help="bootstrap resamples")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each a subprocess on one torch thread (default 1; on a CPU "
+        "machine the number of cores)",
+    )
     args = p.parse_args(argv)
     if not args.report_only:
         grid = args.grid or str(Path(args.out) / "grid.yaml")
-        run_grid(grid, args.out)
+        run_grid(grid, args.out, jobs=args.jobs)
     text = report(args.out, n_boot=args.bootstrap)
     print(text)
     return text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["make_plots"]
+__all__ = ["experiment_plot", "make_plots"]
 
 
 def make_plots(run_dir: Path, records: list[dict]) -> list[Path]:
@@ -61,3 +61,53 @@ def make_plots(run_dir: Path, records: list[dict]) -> list[Path]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def _interval_bar(ax, iv, y: float, color: str) -> None:
+    lo, hi = 100 * (iv.estimate - iv.low), 100 * (iv.high - iv.estimate)
+    ax.errorbar(100 * iv.estimate, y, xerr=[[lo], [hi]], fmt="o", color=color, capsize=3)
+
+
+def experiment_plot(path: Path, rows: list[dict]) -> Path:
+    """An experiment's report figure from its arm rows (``experiment._arm_rows``): accuracy
+    after training with 95% intervals (and before, as a cross), each paired difference with its
+    interval, and the weight AUROC over training (mean over seeds per block of steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["seeds"]]
+    y = list(range(len(rows)))[::-1]
+    fig, (ax_acc, ax_diff, ax_auc) = plt.subplots(
+        1, 3, figsize=(15, 0.45 * len(rows) + 2.2), gridspec_kw={"width_ratios": [1, 1, 1.1]}
+    )
+    for yi, r in zip(y, rows, strict=True):
+        _interval_bar(ax_acc, r["after"], yi, "C0")
+        ax_acc.plot(100 * r["before"], yi, "x", color="gray")
+        if r["difference"] is not None:
+            _interval_bar(ax_diff, r["difference"], yi, "C1")
+    labels = [f"{r['arm']} ({len(r['seeds'])})" for r in rows]
+    diff_labels = [f"vs {r['reference']}" if r["difference"] is not None else "" for r in rows]
+    ax_acc.set_yticks(y, labels)
+    ax_acc.set(xlabel="held-out accuracy, % (x: before)", title="accuracy after [95% CI]")
+    ax_diff.set_yticks(y, diff_labels)
+    ax_diff.axvline(0, color="gray", lw=0.8)
+    ax_diff.set(xlabel="points", title="paired difference [95% CI]")
+    for i, r in enumerate(rows):
+        blocks = [b for b in r.get("auroc_blocks", []) if b]
+        if not blocks or len({len(b) for b in blocks}) != 1:
+            continue
+        means = []
+        for j in range(len(blocks[0])):
+            vals = [b[j] for b in blocks if b[j] is not None]
+            means.append(sum(vals) / len(vals) if vals else float("nan"))
+        ax_auc.plot(range(1, len(means) + 1), means, "o-", ms=3, label=r["arm"], color=f"C{i % 10}")
+    ax_auc.axhline(0.5, color="gray", lw=0.8)
+    ax_auc.set(xlabel="block of steps", ylabel="AUROC", title="weight AUROC (incorrect vs correct)")
+    if ax_auc.lines[1:]:
+        ax_auc.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -10,7 +10,15 @@ import yaml
 
 from renio_kernels.train.__main__ import main as cli
 from renio_kernels.train.config import TrainConfig, typed_value
-from renio_kernels.train.experiment import load_grid, main, plan, report, run_grid
+from renio_kernels.train.experiment import (
+    STAT_BLOCKS,
+    _block_means,
+    load_grid,
+    main,
+    plan,
+    report,
+    run_grid,
+)
 from renio_kernels.train.loop import main as train_main
 from renio_kernels.train.metrics import read_metrics
 from renio_kernels.train.stats import bootstrap_mean, paired_difference, unpaired_difference
@@ -176,10 +184,46 @@ def test_grid_runs_resumes_and_reports(tiny_models, tmp_path):
     assert rows["renio"][1] == "2" and rows["renio"][4] == "opd"
     assert rows["renio"][5].startswith(("+", "-")) and "[" in rows["renio"][5]
     assert rows["opd"][4] == "-" and rows["sft"][1] == "1"
+    # the weight statistics with their intervals over seeds x blocks of steps (2 steps: 2 blocks)
+    assert len(renio0["selected_fraction_blocks"]) == 2
+    low, high = map(float, rows["renio"][7].split("[")[1].rstrip("]").split(","))
+    assert low <= float(rows["renio"][7].split()[0]) <= high
+    assert rows["sft"][7] == "-"  # no weights in supervised training
     assert "WARNING" not in text  # every run started from the same student
+    assert (out / "report.png").stat().st_size > 0 and "report.png" in text
 
     # The console entry point's subcommand, report only.
     assert cli(["experiment", "--out", str(out), "--report-only", "--bootstrap", "100"]) == 0
+
+
+def test_parallel_jobs_give_the_sequential_runs(tiny_models, tmp_path):
+    """jobs=2 runs subprocesses side by side; each run is the same as one run alone."""
+    grid = _grid(tiny_models, tmp_path / "grid.yaml", steps=1, save_every=0)
+    g = yaml.safe_load(grid.read_text())
+    g["arms"] = {"renio": {"flags": {"objective": "renio"}}, "opd": {"flags": {"objective": "opd"}}}
+    g["seeds"] = [0]
+    grid.write_text(yaml.safe_dump(g, sort_keys=False))
+    done = run_grid(grid, tmp_path / "parallel", jobs=2)
+    assert [(d["arm"], d["status"]) for d in done] == [("renio", "ran"), ("opd", "ran")]
+    run_grid(grid, tmp_path / "sequential", in_process=True)
+    for arm in ("renio", "opd"):
+        a, b = (
+            json.loads((tmp_path / d / "summaries" / arm / "seed-0.json").read_text())
+            for d in ("parallel", "sequential")
+        )
+        assert a["eval_correct_after"] == b["eval_correct_after"]
+        assert a["selected_fraction_blocks"] == pytest.approx(b["selected_fraction_blocks"])
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        run_grid(grid, tmp_path / "x", jobs=0)
+    with pytest.raises(ValueError, match="cannot run in parallel"):
+        run_grid(grid, tmp_path / "x", in_process=True, jobs=2)
+
+
+def test_block_means():
+    assert _block_means([1.0, 3.0, None, 5.0], blocks=2) == [2.0, 5.0]
+    assert _block_means([None, None, 1.0], blocks=3) == [None, None, 1.0]
+    assert _block_means([0.5, 1.5, 2.5]) == [0.5, 1.5, 2.5]  # fewer steps than blocks
+    assert len(_block_means(list(range(1000)))) == STAT_BLOCKS
 
 
 def test_a_changed_grid_is_not_mixed_with_old_runs(tiny_models, tmp_path):
