@@ -221,6 +221,16 @@ def _block_means(values: list, blocks: int = STAT_BLOCKS) -> list:
     return out
 
 
+def _incorrect_weight_share(r: dict) -> float | None:
+    """The incorrect SGOs' share of a step's summed ReNIO weights (with ReNIO off, of the
+    weights it would have given): how far the weights move the gradient toward incorrect SGOs,
+    against the share of incorrect SGOs itself (``1 - correct_share``)."""
+    c, wc, wi = r.get("correct_share"), r.get("weight_mean_correct"), r.get("weight_mean_incorrect")
+    if c is None or wc is None or wi is None or (1 - c) * wi + c * wc <= 0:
+        return None
+    return (1 - c) * wi / ((1 - c) * wi + c * wc)
+
+
 def _record(arm: str, seed: int, config: dict, run_dir: Path) -> dict:
     """The small per-run record kept under ``summaries/``: the run's summary plus its per-step
     weight statistics as means over the run and over ``STAT_BLOCKS`` blocks of steps."""
@@ -247,6 +257,8 @@ def _record(arm: str, seed: int, config: dict, run_dir: Path) -> dict:
         "weight_spread_mean": _mean(per_step["weight_spread"]),
         "weight_mean_correct_mean": _mean([r.get("weight_mean_correct") for r in train]),
         "weight_mean_incorrect_mean": _mean([r.get("weight_mean_incorrect") for r in train]),
+        "correct_share_mean": _mean([r.get("correct_share") for r in train]),
+        "incorrect_weight_share_mean": _mean([_incorrect_weight_share(r) for r in train]),
         **{f"{k}_blocks": _block_means(v) for k, v in per_step.items() if train},
     }
 
@@ -422,6 +434,32 @@ def report(out: str | Path, *, n_boot: int = 4000, plot: bool = True) -> str:
             + " | ".join(_fmt_stat(row[k]) for k in WEIGHT_STATS)
             + " |"
         )
+    lines += [
+        "",
+        "Where the weights put the gradient (means over steps and seeds): the share of correct "
+        "SGOs among the sampled ones, the mean weight of correct and incorrect SGOs, and the "
+        "incorrect SGOs' share of the summed weights (plain OPD weighs every SGO 1, so there "
+        "it would be 1 - correct share).",
+        "",
+        "| arm | correct SGOs | weight, correct | weight, incorrect | incorrect share of weight |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        runs = [records[row["arm"]][s] for s in row["seeds"]]
+        if runs and runs[0].get("correct_share_mean") is not None:
+            lines.append(
+                f"| {row['arm']} | "
+                + " | ".join(
+                    _fmt(_mean([r.get(k) for r in runs]), False)
+                    for k in (
+                        "correct_share_mean",
+                        "weight_mean_correct_mean",
+                        "weight_mean_incorrect_mean",
+                        "incorrect_weight_share_mean",
+                    )
+                )
+                + " |"
+            )
     notes = []
     if len(set().union(*(row.get("befores", set()) for row in rows))) > 1:
         notes.append(

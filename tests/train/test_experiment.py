@@ -13,6 +13,7 @@ from renio_kernels.train.config import TrainConfig, typed_value
 from renio_kernels.train.experiment import (
     STAT_BLOCKS,
     _block_means,
+    _incorrect_weight_share,
     load_grid,
     main,
     plan,
@@ -175,9 +176,10 @@ def test_grid_runs_resumes_and_reports(tiny_models, tmp_path):
 
     text = report(out, n_boot=200)
     assert (out / "report.md").read_text() == text
+    table = text.split("| arm |")[1]  # the first table only
     rows = {
         cells[0]: cells
-        for line in text.splitlines()
+        for line in table.split("\n\n")[0].splitlines()
         if line.startswith("|")
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
@@ -189,6 +191,12 @@ def test_grid_runs_resumes_and_reports(tiny_models, tmp_path):
     low, high = map(float, rows["renio"][7].split("[")[1].rstrip("]").split(","))
     assert low <= float(rows["renio"][7].split()[0]) <= high
     assert rows["sft"][7] == "-"  # no weights in supervised training
+    # the second table: where the weights put the gradient (no row for sft)
+    share = [line for line in text.splitlines() if line.startswith("| renio |")][1]
+    cells = [c.strip() for c in share.strip("|").split("|")[1:]]
+    assert 0 <= float(cells[0]) <= 1  # the tiny models solve nothing: no correct-SGO weights
+    assert cells[3] == "-" or 0 <= float(cells[3]) <= 1
+    assert sum(line.startswith("| sft |") for line in text.splitlines()) == 1
     assert "WARNING" not in text  # every run started from the same student
     assert (out / "report.png").stat().st_size > 0 and "report.png" in text
 
@@ -224,6 +232,14 @@ def test_block_means():
     assert _block_means([None, None, 1.0], blocks=3) == [None, None, 1.0]
     assert _block_means([0.5, 1.5, 2.5]) == [0.5, 1.5, 2.5]  # fewer steps than blocks
     assert len(_block_means(list(range(1000)))) == STAT_BLOCKS
+
+
+def test_incorrect_weight_share():
+    r = {"correct_share": 0.25, "weight_mean_correct": 0.5, "weight_mean_incorrect": 1.1}
+    assert _incorrect_weight_share(r) == pytest.approx(0.75 * 1.1 / (0.75 * 1.1 + 0.25 * 0.5))
+    flat = {"correct_share": 0.25, "weight_mean_correct": 1.0, "weight_mean_incorrect": 1.0}
+    assert _incorrect_weight_share(flat) == pytest.approx(0.75)  # plain OPD: the SGO share
+    assert _incorrect_weight_share({**r, "weight_mean_correct": None}) is None  # no correct SGO
 
 
 def test_a_changed_grid_is_not_mixed_with_old_runs(tiny_models, tmp_path):
