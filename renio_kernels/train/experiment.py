@@ -222,13 +222,19 @@ def _block_means(values: list, blocks: int = STAT_BLOCKS) -> list:
 
 
 def _incorrect_weight_share(r: dict) -> float | None:
-    """The incorrect SGOs' share of a step's summed ReNIO weights (with ReNIO off, of the
-    weights it would have given): how far the weights move the gradient toward incorrect SGOs,
-    against the share of incorrect SGOs itself (``1 - correct_share``)."""
-    c, wc, wi = r.get("correct_share"), r.get("weight_mean_correct"), r.get("weight_mean_incorrect")
-    if c is None or wc is None or wi is None or (1 - c) * wi + c * wc <= 0:
+    """The incorrect SGOs' share of a step's summed ReNIO weights: how far the weights move the
+    gradient toward incorrect SGOs, against their share of the SGOs (``1 - correct_share``).
+    A step without correct (incorrect) SGOs has share 1 (0)."""
+    c = r.get("correct_share")
+    if c is None:
         return None
-    return (1 - c) * wi / ((1 - c) * wi + c * wc)
+    parts = []
+    for share, mean in ((c, r.get("weight_mean_correct")), (1 - c, r.get("weight_mean_incorrect"))):
+        if share > 0 and mean is None:
+            return None
+        parts.append(share * mean if share > 0 else 0.0)
+    total = parts[0] + parts[1]
+    return parts[1] / total if total > 0 else None
 
 
 def _record(arm: str, seed: int, config: dict, run_dir: Path) -> dict:
@@ -258,7 +264,10 @@ def _record(arm: str, seed: int, config: dict, run_dir: Path) -> dict:
         "weight_mean_correct_mean": _mean([r.get("weight_mean_correct") for r in train]),
         "weight_mean_incorrect_mean": _mean([r.get("weight_mean_incorrect") for r in train]),
         "correct_share_mean": _mean([r.get("correct_share") for r in train]),
-        "incorrect_weight_share_mean": _mean([_incorrect_weight_share(r) for r in train]),
+        # with ReNIO off the logged weights are the unnormalized ones it would have given
+        "incorrect_weight_share_mean": _mean([_incorrect_weight_share(r) for r in train])
+        if summary.get("objective") == "renio"
+        else None,
         **{f"{k}_blocks": _block_means(v) for k, v in per_step.items() if train},
     }
 
@@ -437,29 +446,30 @@ def report(out: str | Path, *, n_boot: int = 4000, plot: bool = True) -> str:
     lines += [
         "",
         "Where the weights put the gradient (means over steps and seeds): the share of correct "
-        "SGOs among the sampled ones, the mean weight of correct and incorrect SGOs, and the "
-        "incorrect SGOs' share of the summed weights (plain OPD weighs every SGO 1, so there "
-        "it would be 1 - correct share).",
+        "SGOs among the sampled ones, the mean ReNIO weight of correct and incorrect SGOs, and "
+        "the incorrect SGOs' share of the summed weights; plain OPD weighs every SGO 1, so its "
+        "incorrect share is 1 - the correct share.",
         "",
         "| arm | correct SGOs | weight, correct | weight, incorrect | incorrect share of weight |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
         runs = [records[row["arm"]][s] for s in row["seeds"]]
-        if runs and runs[0].get("correct_share_mean") is not None:
-            lines.append(
-                f"| {row['arm']} | "
-                + " | ".join(
-                    _fmt(_mean([r.get(k) for r in runs]), False)
-                    for k in (
-                        "correct_share_mean",
-                        "weight_mean_correct_mean",
-                        "weight_mean_incorrect_mean",
-                        "incorrect_weight_share_mean",
-                    )
-                )
-                + " |"
-            )
+        correct = _mean([r.get("correct_share_mean") for r in runs]) if runs else None
+        if correct is None or runs[0].get("objective") not in ("renio", "opd"):
+            continue
+        if runs[0].get("objective") == "renio":
+            keys = ("weight_mean_correct_mean", "weight_mean_incorrect_mean")
+            cells = [_fmt(_mean([r.get(k) for r in runs]), False) for k in keys]
+            share = _mean([r.get("incorrect_weight_share_mean") for r in runs])
+        elif runs[0]["config"].get("sgo_filter", "all") == "all":
+            cells, share = ["1", "1"], 1 - correct
+        else:
+            continue
+        lines.append(
+            f"| {row['arm']} | {_fmt(correct, False)} | {' | '.join(cells)} | "
+            f"{_fmt(share, False)} |"
+        )
     notes = []
     if len(set().union(*(row.get("befores", set()) for row in rows))) > 1:
         notes.append(

@@ -102,7 +102,8 @@ def experiment_plot(path: Path, rows: list[dict]) -> Path:
         for j in range(len(blocks[0])):
             vals = [b[j] for b in blocks if b[j] is not None]
             means.append(sum(vals) / len(vals) if vals else float("nan"))
-        ax_auc.plot(range(1, len(means) + 1), means, "o-", ms=3, label=r["arm"], color=f"C{i % 10}")
+        color = plt.cm.tab20(i % 20)
+        ax_auc.plot(range(1, len(means) + 1), means, "o-", ms=3, label=r["arm"], color=color)
     ax_auc.axhline(0.5, color="gray", lw=0.8)
     ax_auc.set(xlabel="block of steps", ylabel="AUROC", title="weight AUROC (incorrect vs correct)")
     if ax_auc.lines[1:]:

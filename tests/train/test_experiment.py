@@ -239,7 +239,10 @@ def test_incorrect_weight_share():
     assert _incorrect_weight_share(r) == pytest.approx(0.75 * 1.1 / (0.75 * 1.1 + 0.25 * 0.5))
     flat = {"correct_share": 0.25, "weight_mean_correct": 1.0, "weight_mean_incorrect": 1.0}
     assert _incorrect_weight_share(flat) == pytest.approx(0.75)  # plain OPD: the SGO share
-    assert _incorrect_weight_share({**r, "weight_mean_correct": None}) is None  # no correct SGO
+    no_correct = {"correct_share": 0.0, "weight_mean_correct": None, "weight_mean_incorrect": 1.0}
+    assert _incorrect_weight_share(no_correct) == 1.0
+    assert _incorrect_weight_share({**r, "weight_mean_correct": None}) is None  # inconsistent
+    assert _incorrect_weight_share({"correct_share": None}) is None
 
 
 def test_a_changed_grid_is_not_mixed_with_old_runs(tiny_models, tmp_path):
